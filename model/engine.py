@@ -1,0 +1,358 @@
+"""The generation engine: continuous batching over the slot KV cache.
+
+    engine = Engine(model, tokenizer, max_batch=16)
+    for event in engine.generate(GenerationRequest(prompt_ids=tokenizer.encode("two plus three equals"))):
+        ...                                    # Started, then Token …, then Finished
+
+Each `step()`:
+  1. applies cancellations (their slots are free for this very step);
+  2. admits waiting requests into free slots, FIFO: prefill the prompt, sample the first token;
+  3. runs ONE batched decode step over every request that was already running, each slot at
+     its own position, and samples one token per row;
+  4. turns tokens into events: text deltas (incremental detokenization, stop strings withheld
+     until decided), logprobs, attention rows — and frees the slots of finished requests.
+
+`submit` and `cancel` are thread-safe; `step` belongs to one thread (the server runs it in a
+loop that sleeps on `wait_for_work` when idle). Attention is computed on the explicit path only
+in steps where some request asked for it, and only for the layers asked for.
+"""
+
+from __future__ import annotations
+
+import heapq
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from model.detokenizer import IncrementalDetokenizer
+from model.events import (
+    AttentionSpec,
+    ContextLengthExceeded,
+    Event,
+    Failed,
+    Finished,
+    GenerationRequest,
+    QueueFull,
+    Started,
+    Token,
+)
+from model.sampling import MAX_LOGPROBS, Sampled, SamplingBatch, sample
+from model.stops import StopMatcher
+from model.tokenizer import Tokenizer
+from model.transformer import Transformer
+
+
+class Handle:
+    """The caller's side of one request: its events arrive in `events` (a thread-safe deque)."""
+
+    def __init__(self, request_id: str):
+        self.request_id = request_id
+        self.events: deque[Event] = deque()
+        self.finished = False
+
+
+@dataclass(eq=False)
+class _Sequence:
+    """The engine's side of one request."""
+
+    request: GenerationRequest
+    handle: Handle
+    detokenizer: IncrementalDetokenizer
+    stops: StopMatcher | None
+    generator: torch.Generator | None
+    submitted: float
+    slot: int = -1
+    length: int = 0                     # tokens in the slot's cache
+    last_token: int = -1                # sampled, not yet fed to the model
+    generated: int = 0
+    text: list[str] = field(default_factory=list)
+    admitted: float = 0.0
+    first_token: float | None = None
+    layers: tuple[int, ...] = ()        # attention layers to capture
+
+    @property
+    def wants_penalties(self) -> bool:
+        sp = self.request.sampling
+        return sp.repetition_penalty != 1.0 or sp.frequency_penalty != 0.0 or sp.presence_penalty != 0.0
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, max_batch: int = 8,
+                 max_context: int | None = None, max_queue: int = 64):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.device = model.embed_tokens.weight.device
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_context = min(max_context or model.config.max_context, model.config.max_context)
+        self.cache = model.new_cache(max_batch, self.max_context)
+        self._free = list(range(max_batch))          # a min-heap: low slots first keeps batches contiguous
+        self._active: list[_Sequence] = []           # sorted by slot; touched by the stepping thread only
+        self._waiting: deque[_Sequence] = deque()
+        self._admitting: list[_Sequence] = []       # taken from the queue this step, not yet prefilled
+        self._cancelled: set[str] = set()
+        self._lock = threading.Condition()
+        self._batch_key: tuple | None = None         # cached SamplingBatch for an unchanged batch
+        self._batch: SamplingBatch | None = None
+        self._counts: Tensor | None = None           # (max_batch, V) generated-token counts, for penalties
+        self._seen: Tensor | None = None             # (max_batch, V) tokens in prompt or output
+
+    # -- the caller's side (any thread) ---------------------------------------------------------
+    def submit(self, request: GenerationRequest) -> Handle:
+        self.validate(request)
+        request.request_id = request.request_id or uuid.uuid4().hex
+        seq = _Sequence(request=request, handle=Handle(request.request_id),
+                        detokenizer=IncrementalDetokenizer(self.tokenizer, request.prompt_ids),
+                        stops=StopMatcher(request.stop) if request.stop else None,
+                        generator=self._generator(request.seed), submitted=time.perf_counter())
+        if request.attention is not None:
+            seq.layers = request.attention.layer_ids(self.model.config.n_layers)
+        with self._lock:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(self.max_queue)
+            self._waiting.append(seq)
+            self._lock.notify()
+        return seq.handle
+
+    def validate(self, request: GenerationRequest) -> None:
+        """Raise ContextLengthExceeded or ValueError (naming the field) for a request that can't run."""
+        n, config = len(request.prompt_ids), self.model.config
+        if n == 0:
+            raise ValueError("prompt_ids is empty")
+        if n > self.max_context:
+            raise ContextLengthExceeded(n, self.max_context)
+        if not all(0 <= t < config.vocab_size for t in request.prompt_ids):
+            raise ValueError(f"prompt_ids must be token ids in [0, {config.vocab_size})")
+        if request.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {request.max_tokens}")
+        if request.logprobs is not None and not 0 <= request.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {request.logprobs}")
+        if (spec := request.attention) is not None:
+            if spec.layers != "all" and not all(0 <= i < config.n_layers for i in spec.layers):
+                raise ValueError(f"attention.layers must be indices in [0, {config.n_layers}), got {list(spec.layers)}")
+            if spec.heads not in ("all", "mean") and not all(0 <= h < config.n_heads for h in spec.heads):
+                raise ValueError(f"attention.heads must be indices in [0, {config.n_heads}), got {list(spec.heads)}")
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request (waiting or running); its slot is free at the next step."""
+        with self._lock:
+            self._cancelled.add(request_id)
+            self._lock.notify()
+
+    def wait_for_work(self, timeout: float | None = None) -> bool:
+        with self._lock:
+            return self._lock.wait_for(self.has_work, timeout)
+
+    def has_work(self) -> bool:
+        return bool(self._active or self._waiting or self._cancelled)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._active)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def kv_usage(self) -> float:
+        """Fraction of the cache's positions that running requests occupy."""
+        return sum(s.length for s in self._active) / (self.max_batch * self.max_context)
+
+    def generate(self, request: GenerationRequest) -> Iterator[Event]:
+        """Submit and drive the engine from this thread until the request finishes."""
+        handle = self.submit(request)
+        try:
+            while True:
+                if not handle.events:
+                    self.step()
+                while handle.events:
+                    event = handle.events.popleft()
+                    yield event
+                    if isinstance(event, Finished | Failed):
+                        return
+        finally:
+            if not handle.finished:
+                self.cancel(handle.request_id)
+
+    # -- the stepping thread ------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[Handle]:
+        """One scheduling round; returns the handles that received events."""
+        touched: list[Handle] = []
+        with self._lock:
+            cancelled, self._cancelled = self._cancelled, set()
+            if cancelled:
+                for seq in [s for s in self._waiting if s.request.request_id in cancelled]:
+                    self._waiting.remove(seq)
+                    touched.append(self._finish(seq, "cancelled"))
+            admitted = self._admitting = []
+            n_free = len(self._free) + sum(s.request.request_id in cancelled for s in self._active)
+            while self._waiting and len(admitted) < n_free:
+                admitted.append(self._waiting.popleft())
+        for seq in [s for s in self._active if s.request.request_id in cancelled]:
+            touched.append(self._finish(seq, "cancelled"))
+
+        running = list(self._active)                  # decode only those that ran before this step
+        for seq in admitted:
+            touched.append(self._prefill(seq))
+        if running:
+            touched.extend(self._decode(running))
+        return touched
+
+    def fail_all(self, error_type: str, message: str) -> list[Handle]:
+        """End every request with a Failed event and free all slots (after a step raised)."""
+        with self._lock:
+            seqs = list(dict.fromkeys([*self._active, *self._admitting, *self._waiting]))
+            self._waiting, self._admitting = deque(), []
+            self._cancelled.clear()
+        self._active.clear()
+        self._free = list(range(self.max_batch))
+        self._batch_key = None
+        for seq in seqs:
+            seq.handle.events.append(Failed(seq.request.request_id, error_type, message))
+            seq.handle.finished = True
+        return [s.handle for s in seqs]
+
+    def _prefill(self, seq: _Sequence) -> Handle:
+        seq.slot = heapq.heappop(self._free)
+        seq.admitted = time.perf_counter()
+        prompt = seq.request.prompt_ids
+        T = len(prompt)
+        out = self.model(torch.tensor([prompt], device=self.device),
+                         positions=torch.arange(T, device=self.device)[None], cache=self.cache,
+                         slots=slice(seq.slot, seq.slot + 1), attn_layers=seq.layers, last_only=True)
+        seq.length = T
+        self._active.append(seq)
+        self._active.sort(key=lambda s: s.slot)
+        if seq.wants_penalties:
+            self._reset_penalty_state(seq)
+        spec = seq.request.attention
+        weights = _select_heads(out.attentions, seq.layers, spec, row=0) if spec else None  # (L, H, T, T)
+        seq.handle.events.append(Started(
+            request_id=seq.request.request_id, prompt_ids=list(prompt),
+            prompt_attention=weights if spec and spec.include_prompt else None,
+            queue_time=seq.admitted - seq.submitted))
+        sampled = self._sample(out.logits[:, -1], [seq])
+        self._on_token(seq, sampled, 0, weights[:, :, -1] if weights is not None else None)
+        return seq.handle
+
+    def _decode(self, running: list[_Sequence]) -> list[Handle]:
+        slot_ids = [s.slot for s in running]
+        B = len(running)
+        slots = slice(0, B) if slot_ids == list(range(B)) else torch.tensor(slot_ids, device=self.device)
+        tokens = torch.tensor([[s.last_token] for s in running], device=self.device)    # (B, 1)
+        positions = torch.tensor([[s.length] for s in running], device=self.device)     # (B, 1)
+        layers = sorted({layer for s in running for layer in s.layers})
+        out = self.model(tokens, positions=positions, cache=self.cache, slots=slots, attn_layers=layers)
+        for s in running:
+            s.length += 1
+        sampled = self._sample(out.logits[:, -1], running)
+        for row, seq in enumerate(running):
+            rows = None
+            if seq.request.attention is not None:
+                rows = _select_heads(out.attentions, seq.layers, seq.request.attention, row=row)
+                rows = rows[:, :, 0, : seq.length]                                      # (L, H, S)
+            self._on_token(seq, sampled, row, rows)
+        return [s.handle for s in running]
+
+    def _sample(self, logits: Tensor, seqs: list[_Sequence]) -> Sampled:
+        key = tuple(id(s) for s in seqs)
+        if key != self._batch_key:
+            self._batch_key = key
+            self._batch = SamplingBatch.from_params([s.request.sampling for s in seqs], self.device)
+        counts = seen = None
+        if self._batch.any_penalty:
+            index = torch.tensor([s.slot for s in seqs], device=self.device)
+            counts, seen = self._counts[index], self._seen[index]
+        n_top = max((s.request.logprobs or 0 for s in seqs), default=0)
+        return sample(logits, self._batch, [s.generator for s in seqs], generated_counts=counts,
+                      seen=seen, num_logprobs=n_top,
+                      want_logprobs=any(s.request.logprobs is not None for s in seqs))
+
+    def _on_token(self, seq: _Sequence, sampled: Sampled, row: int, attention: Tensor | None) -> None:
+        request, token_id = seq.request, int(sampled.token_ids[row])
+        seq.last_token = token_id
+        seq.generated += 1
+        if seq.first_token is None:
+            seq.first_token = time.perf_counter()
+        if seq.wants_penalties:
+            self._counts[seq.slot, token_id] += 1
+            self._seen[seq.slot, token_id] = True
+
+        finish = None
+        if token_id == self.tokenizer.eos_id and not request.ignore_eos:
+            finish, text = "stop", ""
+        else:
+            text = seq.detokenizer.push(token_id)
+            if seq.stops is not None:
+                text, stopped = seq.stops.push(text)
+                finish = "stop" if stopped else None
+        if finish is None and (seq.generated >= request.max_tokens or seq.length >= self.max_context):
+            finish = "length"
+        if finish is not None and not (seq.stops is not None and seq.stops.stopped):
+            text += self._flush(seq)
+            if seq.stops is not None and seq.stops.stopped:
+                finish = "stop"                                  # the held-back tail held a stop string
+
+        logprob = top = None
+        if request.logprobs is not None:
+            logprob = float(sampled.logprobs[row])
+            if request.logprobs:
+                top = [(int(i), float(lp)) for i, lp in
+                       zip(sampled.top_ids[row, : request.logprobs], sampled.top_logprobs[row, : request.logprobs])
+                       if lp != float("-inf")]
+        seq.text.append(text)
+        seq.handle.events.append(Token(request_id=request.request_id, index=seq.generated - 1, id=token_id,
+                                       text=text, logprob=logprob, top_logprobs=top, attention=attention))
+        if finish is not None:
+            self._finish(seq, finish)
+
+    def _flush(self, seq: _Sequence) -> str:
+        tail = seq.detokenizer.flush()
+        if seq.stops is None:
+            return tail
+        tail, stopped = seq.stops.push(tail)
+        return tail if stopped else tail + seq.stops.flush()
+
+    def _finish(self, seq: _Sequence, reason: str) -> Handle:
+        if seq.slot >= 0:
+            self._active.remove(seq)
+            heapq.heappush(self._free, seq.slot)
+        now = time.perf_counter()
+        seq.handle.events.append(Finished(
+            request_id=seq.request.request_id, finish_reason=reason, text="".join(seq.text),
+            prompt_tokens=len(seq.request.prompt_ids), completion_tokens=seq.generated,
+            queue_time=(seq.admitted or now) - seq.submitted,
+            ttft=seq.first_token - seq.submitted if seq.first_token else None, total_time=now - seq.submitted))
+        seq.handle.finished = True
+        return seq.handle
+
+    def _reset_penalty_state(self, seq: _Sequence) -> None:
+        if self._counts is None:
+            V = self.model.config.vocab_size
+            self._counts = torch.zeros(self.max_batch, V, device=self.device)
+            self._seen = torch.zeros(self.max_batch, V, dtype=torch.bool, device=self.device)
+        self._counts[seq.slot] = 0
+        self._seen[seq.slot] = False
+        self._seen[seq.slot, torch.tensor(seq.request.prompt_ids, device=self.device)] = True
+
+    def _generator(self, seed: int | None) -> torch.Generator | None:
+        if seed is None:
+            return None
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+
+def _select_heads(weights: dict[int, Tensor], layers: tuple[int, ...], spec: AttentionSpec,
+                  *, row: int) -> Tensor:
+    """One row's weights for the requested layers and heads: (L, H, T, S) as float32 on the CPU."""
+    stacked = torch.stack([weights[layer][row] for layer in layers])         # (L, nh, T, S)
+    if spec.heads == "mean":
+        stacked = stacked.mean(dim=1, keepdim=True)                            # (L, 1, T, S)
+    elif spec.heads != "all":
+        stacked = stacked[:, list(spec.heads)]                                 # (L, H, T, S)
+    return stacked.float().cpu()

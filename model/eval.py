@@ -1,0 +1,85 @@
+"""Greedy exact-match accuracy of a calculator checkpoint on the held-out problems.
+
+    python -m model.eval checkpoints/calculator
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+
+import torch
+
+from model.checkpoint import load_checkpoint
+from model.data import Problem, calculator_split
+from model.tokenizer import Tokenizer
+from model.transformer import Transformer
+
+MAX_ANSWER_TOKENS = 8  # "one hundred ninety eight" is 4 word tokens; leave room for EOS and slack
+
+
+@torch.inference_mode()
+def greedy_answers(model: Transformer, tokenizer: Tokenizer, prompts: list[str], *,
+                   max_new_tokens: int = MAX_ANSWER_TOKENS, batch_size: int = 256) -> list[str]:
+    """Greedy completions, batched over prompts of equal token length through the KV cache."""
+    encoded = [tokenizer.encode(p) for p in prompts]
+    answers: list[str] = [""] * len(prompts)
+    by_length = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    cache = model.new_cache(batch_size, max_context=max(map(len, encoded)) + max_new_tokens)
+    for _, group in itertools.groupby(by_length, key=lambda i: len(encoded[i])):
+        group = list(group)
+        for start in range(0, len(group), batch_size):
+            rows = group[start: start + batch_size]
+            tokens = torch.tensor([encoded[i] for i in rows])                      # (B, T)
+            for row, ids in zip(rows, _greedy(model, cache, tokens, max_new_tokens, tokenizer.eos_id)):
+                answers[row] = tokenizer.decode(ids)
+    return answers
+
+
+def _greedy(model: Transformer, cache, tokens: torch.Tensor, max_new_tokens: int, eos_id: int | None):
+    B, T = tokens.shape
+    slots = slice(0, B)
+    positions = torch.arange(T).expand(B, T)
+    logits = model(tokens, positions=positions, cache=cache, slots=slots, last_only=True).logits
+    out = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool)
+    for step in range(max_new_tokens):
+        nxt = logits[:, -1].argmax(-1)                                              # (B,)
+        for row in range(B):
+            if not done[row] and nxt[row] != eos_id:
+                out[row].append(int(nxt[row]))
+        done |= nxt == eos_id
+        if done.all() or step == max_new_tokens - 1:
+            break
+        positions = torch.full((B, 1), T + step)
+        logits = model(nxt[:, None], positions=positions, cache=cache, slots=slots).logits
+    return out
+
+
+def held_out_accuracy(model: Transformer, tokenizer: Tokenizer,
+                      problems: list[Problem] | None = None) -> tuple[float, list[tuple[Problem, str]]]:
+    """Exact-match accuracy and the (problem, wrong answer) pairs."""
+    problems = problems if problems is not None else calculator_split()[2]
+    answers = greedy_answers(model, tokenizer, [p.prompt for p in problems])
+    wrong = [(p, a) for p, a in zip(problems, answers) if a != p.completion]
+    return 1 - len(wrong) / len(problems), wrong
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="checkpoint directory")
+    parser.add_argument("--show-errors", type=int, default=10, help="print up to N wrong answers")
+    args = parser.parse_args(argv)
+    model, tokenizer = load_checkpoint(args.checkpoint)
+    start = time.perf_counter()
+    problems = calculator_split()[2]
+    accuracy, wrong = held_out_accuracy(model, tokenizer, problems)
+    for p, got in wrong[: args.show_errors]:
+        print(f"  wrong: {p.prompt!r} → {got!r} (expected {p.completion!r})")
+    print(f"held-out exact match: {accuracy:.2%} ({len(problems) - len(wrong)}/{len(problems)}, "
+          f"greedy, {time.perf_counter() - start:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()

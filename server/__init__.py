@@ -1,0 +1,1 @@
+"""attnserve's HTTP layer: the LitServe API, its schemas, settings and metrics."""

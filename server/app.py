@@ -1,0 +1,296 @@
+"""The LitServe server: one engine-owning LitAPI, and the public routes of API.md around it.
+
+LitServe gives us worker processes, its request queue and the uvicorn processes. The public
+generation routes are ours (so each has its real schema in /openapi.json and refuses bad input with
+a real status before a stream starts); they hand requests to LitServe's worker queue through
+`Dispatcher`. LitServe's own route for the LitAPI is internal and taken off the public app.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import multiprocessing as mp
+from pathlib import Path
+
+import litserve as ls
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.middleware.cors import CORSMiddleware
+
+from model.config import ModelConfig
+from model.tokenizer import Tokenizer
+from server import metrics as prom
+from server import native
+from server.chat import ChatTemplate
+from server.generation import ERROR_STATUS, Admission, ApiError, Dispatcher, EventStream
+from server.openai_compat import DONE, OpenAIFormatter, sse
+from server.schemas import (
+    AttentionRequest,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
+    GenerateRequest,
+    GenerateResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from server.settings import Settings
+from server.worker import INTERNAL_PATH, EngineAPI
+
+STATIC = Path(__file__).parent / "static"
+ERRORS = {400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 429: {"model": ErrorResponse}}
+NDJSON, SSE = "application/x-ndjson", "text/event-stream"
+
+
+class Service:
+    """What the HTTP routes need: the tokenizer and model shape (for checks before queueing)."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.tokenizer = Tokenizer.from_dir(settings.checkpoint)
+        self.config = ModelConfig.load(settings.checkpoint)
+        self.max_context = min(settings.max_context or self.config.max_context, self.config.max_context)
+        self.model_name = settings.served_model_name
+        self.chat_template = ChatTemplate(
+            self.tokenizer.chat_template,
+            bos_token=self.tokenizer.token_text(self.tokenizer.bos_id) if self.tokenizer.bos_id is not None else "",
+            eos_token=self.tokenizer.token_text(self.tokenizer.eos_id) if self.tokenizer.eos_id is not None else "")
+        self.dispatcher: Dispatcher | None = None
+
+    def payload(self, prompt_ids: list[int], *, max_tokens: int, sampling: dict, seed: int | None,
+                stop: list[str], logprobs: int | None, ignore_eos: bool,
+                attention: AttentionRequest | None) -> dict:
+        """Check what needs the model (context, attention shape and size) → the worker's payload."""
+        n = len(prompt_ids)
+        if n > self.max_context:
+            raise ApiError(400, "context_length_exceeded",
+                           f"the prompt has {n} tokens but the context holds at most {self.max_context}",
+                           prompt_tokens=n, max_context=self.max_context)
+        spec = None
+        if attention is not None:
+            spec = attention.spec_kwargs()
+            self._check_attention(spec, n, max_tokens)
+        return {"prompt_ids": prompt_ids, "max_tokens": max_tokens, "sampling": sampling, "seed": seed,
+                "stop": list(stop), "logprobs": logprobs, "ignore_eos": ignore_eos, "attention": spec}
+
+    def _check_attention(self, spec: dict, n: int, max_tokens: int) -> None:
+        c = self.config
+        for name, limit in (("layers", c.n_layers), ("heads", c.n_heads)):
+            values = spec[name]
+            if not isinstance(values, str) and max(values) >= limit:
+                raise ApiError(400, "invalid_request", f"attention.{name} must be indices in [0, {limit}), "
+                               f"got {list(values)}", param=f"attention.{name}")
+        layers = c.n_layers if spec["layers"] == "all" else len(spec["layers"])
+        heads = spec["heads"]
+        heads = {"all": c.n_heads, "mean": 1}[heads] if isinstance(heads, str) else len(heads)
+        generated = min(max_tokens, self.max_context - n + 1)
+        rows = generated * n + generated * (generated - 1) // 2     # token i's row has n + i keys
+        if spec["include_prompt"]:
+            rows += n * (n + 1) // 2
+        floats = layers * heads * rows
+        if floats > self.settings.max_attention_floats:
+            raise ApiError(400, "attention_payload_too_large",
+                           f"this request's attention would be {floats} numbers ({layers} layers × {heads} "
+                           f"heads × {rows} rows·keys); the limit is {self.settings.max_attention_floats}: "
+                           "ask for fewer layers or heads, heads \"mean\", fewer max_tokens, or "
+                           "include_prompt false", floats=floats, limit=self.settings.max_attention_floats)
+
+    def encode(self, text: str, *, parse_special: bool = False) -> list[int]:
+        return self.tokenizer.encode(text, add_bos=not (parse_special and self._starts_with_bos(text)),
+                                     parse_special=parse_special)
+
+    def _starts_with_bos(self, text: str) -> bool:
+        bos = self.chat_template.bos_token
+        return bool(bos) and text.startswith(bos)
+
+
+def authorization(settings: Settings):
+    """A dependency that checks the API key (when one is set) in constant time."""
+    expected = settings.api_key.get_secret_value().encode() if settings.api_key else None
+
+    async def check(request: Request) -> None:
+        if expected is None:
+            return
+        given = request.headers.get("x-api-key")
+        auth = request.headers.get("authorization", "")
+        if given is None and auth[:7].lower() == "bearer ":
+            given = auth[7:].strip()
+        if given is None or not hmac.compare_digest(given.encode(), expected):
+            raise ApiError(401, "unauthorized", "a valid API key is required (Authorization: Bearer <key> "
+                           "or X-API-Key: <key>)", headers={"WWW-Authenticate": "Bearer"})
+    return check
+
+
+def build_server(settings: Settings) -> ls.LitServer:
+    """The LitServer with every route of API.md; call `.run(...)` (see server/__main__.py)."""
+    prom.reset_metrics_dir()
+    service = Service(settings)
+    spawn = mp.get_context("spawn")
+    cancel_queues = [spawn.Queue() for _ in range(settings.workers)]
+    api = EngineAPI(settings, cancel_queues)
+    middlewares = []
+    if settings.cors_origins:
+        middlewares.append((CORSMiddleware, {"allow_origins": settings.cors_origins, "allow_methods": ["*"],
+                                             "allow_headers": ["*"]}))
+    server = ls.LitServer(api, accelerator=settings.device, devices=1, workers_per_device=settings.workers,
+                          timeout=False, max_payload_size=settings.max_body_bytes, middlewares=middlewares,
+                          restart_workers=True)
+    app = server.app
+    # LitServe's route to the LitAPI is internal (Dispatcher calls its handler); "/" is the viewer.
+    app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) not in (INTERNAL_PATH, "/")]
+    metrics = prom.Metrics(service.model_name, service.max_context)
+    capacity = settings.workers * settings.max_batch + settings.max_queue
+    service.dispatcher = Dispatcher(server, api, admission=Admission(spawn.Value("i", 0), capacity),
+                                    cancel_queues=cancel_queues, metrics=metrics,
+                                    max_request_seconds=settings.max_request_seconds)
+    add_routes(app, service, authorization(settings), metrics)
+    return server
+
+
+def add_routes(app: FastAPI, service: Service, auth, metrics: prom.Metrics) -> None:
+    guarded = [Depends(auth)]
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        metrics.error(exc.body["error"]["type"])
+        return JSONResponse(exc.body, status_code=exc.status, headers=exc.headers)
+
+    @app.post("/v1/generate", response_model=GenerateResponse, dependencies=guarded, responses=ERRORS | {
+        200: {"content": {NDJSON: {"schema": {"$ref": "#/components/schemas/StreamEvent"}}},
+              "description": "One JSON object, or NDJSON events when stream is true."}})
+    async def generate(body: GenerateRequest):
+        payload = service.payload(service.encode(body.prompt), max_tokens=body.max_tokens,
+                                  sampling=body.sampling_params(), seed=body.seed, stop=body.stop,
+                                  logprobs=body.logprobs, ignore_eos=body.ignore_eos, attention=body.attention)
+        stream = await service.dispatcher.open(payload)
+        if body.stream:
+            return StreamingResponse(_ndjson(stream), media_type=NDJSON)
+        events = [e async for e in stream]
+        if events[-1]["type"] == "error":
+            return _error_response(events[-1])
+        return JSONResponse(native.collect(events))
+
+    async def openai_route(body: CompletionRequest | ChatCompletionRequest, kind: str):
+        if kind == "chat":
+            messages = [{"role": m.role, "content": m.content} for m in body.messages]
+            prompt_ids = service.encode(service.chat_template.render(messages),
+                                        parse_special=service.chat_template.source is not None)
+            max_tokens = body.max_new_tokens()
+        else:
+            prompt_ids, max_tokens = service.encode(body.prompt), body.max_tokens
+        logprobs = body.num_logprobs()
+        payload = service.payload(prompt_ids, max_tokens=max_tokens, sampling=body.sampling_params(),
+                                  seed=body.seed, stop=body.stop, logprobs=logprobs,
+                                  ignore_eos=body.ignore_eos, attention=body.attention)
+        formatter = OpenAIFormatter(kind, service.model_name, include_usage=body.include_usage,
+                                    logprobs=logprobs, attention=body.attention is not None)
+        stream = await service.dispatcher.open(payload)
+        if body.stream:
+            return StreamingResponse(_sse(stream, formatter), media_type=SSE)
+        events = [e async for e in stream]
+        if events[-1]["type"] == "error":
+            return _error_response(events[-1])
+        return JSONResponse(formatter.response(events))
+
+    @app.post("/v1/completions", response_model=CompletionResponse, dependencies=guarded, responses=ERRORS | {
+        200: {"content": {SSE: {"schema": {"$ref": "#/components/schemas/CompletionChunk"}}},
+              "description": "One completion, or server-sent chunks ending `data: [DONE]` when stream is true."}})
+    async def completions(body: CompletionRequest):
+        return await openai_route(body, "completion")
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, dependencies=guarded,
+              responses=ERRORS | {200: {
+                  "content": {SSE: {"schema": {"$ref": "#/components/schemas/ChatCompletionChunk"}}},
+                  "description": "One chat completion, or server-sent chunks."}})
+    async def chat_completions(body: ChatCompletionRequest):
+        return await openai_route(body, "chat")
+
+    @app.get("/v1/models", response_model=ModelList, dependencies=guarded)
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=service.model_name, max_context=service.max_context)])
+
+    @app.post("/v1/tokenize", response_model=TokenizeResponse, dependencies=guarded, responses=ERRORS)
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        ids = service.tokenizer.encode(body.text, add_bos=body.add_special_tokens)
+        return TokenizeResponse(tokens=[{"id": i, "text": service.tokenizer.token_text(i)} for i in ids],
+                                count=len(ids), max_context=service.max_context)
+
+    @app.post("/v1/detokenize", response_model=DetokenizeResponse, dependencies=guarded, responses=ERRORS)
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        vocab = service.tokenizer.vocab_size
+        if bad := [i for i in body.ids if i >= vocab][:5]:
+            raise ApiError(400, "invalid_request", f"ids must be below the vocabulary size {vocab}, got {bad}",
+                           param="ids")
+        return DetokenizeResponse(text=service.tokenizer.decode(body.ids))
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics_endpoint() -> Response:
+        body, content_type = prom.render()
+        return Response(body, media_type=content_type)
+
+    @app.get("/", include_in_schema=False)
+    async def viewer() -> Response:
+        page = STATIC / "index.html"
+        if page.is_file():
+            return FileResponse(page, media_type="text/html")
+        return Response("attnserve is running; the viewer page is not installed.", media_type="text/plain")
+
+    _document_stream_events(app)
+
+
+async def _ndjson(stream: EventStream):
+    async for event in stream:
+        yield native_line(event)
+
+
+def native_line(event: dict) -> bytes:
+    return (json.dumps(event, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+
+
+async def _sse(stream: EventStream, formatter: OpenAIFormatter):
+    failed = False
+    async for event in stream:
+        failed = event["type"] == "error"
+        for chunk in formatter.chunks(event):
+            yield sse(chunk)
+    if not failed:
+        yield DONE
+
+
+def _error_response(event: dict) -> JSONResponse:
+    error = dict(event["error"])
+    return JSONResponse({"error": error}, status_code=ERROR_STATUS.get(error["type"], 500))
+
+
+def _document_stream_events(app: FastAPI) -> None:
+    """Put the streamed event and chunk schemas into /openapi.json (FastAPI only adds response_models)."""
+    from pydantic.json_schema import models_json_schema
+
+    from server import schemas
+
+    original = app.openapi
+
+    def openapi():
+        if app.openapi_schema:
+            return app.openapi_schema
+        spec = original()
+        models = [(m, "serialization") for m in (schemas.StartEvent, schemas.TokenEvent, schemas.DoneEvent,
+                                                  schemas.ErrorEvent, schemas.CompletionChunk,
+                                                  schemas.ChatCompletionChunk)]
+        _, defs = models_json_schema(models, ref_template="#/components/schemas/{model}")
+        components = spec.setdefault("components", {}).setdefault("schemas", {})
+        components.update(defs.get("$defs", {}))
+        components["StreamEvent"] = {"oneOf": [{"$ref": f"#/components/schemas/{n}"} for n in
+                                               ("StartEvent", "TokenEvent", "DoneEvent", "ErrorEvent")],
+                                     "discriminator": {"propertyName": "type"}}
+        app.openapi_schema = spec
+        return spec
+
+    app.openapi = openapi

@@ -1,0 +1,149 @@
+"""The HTTP side of one generation: admission, hand-off to a worker, the event stream back.
+
+Runs in each uvicorn process. `Dispatcher.open` sends the internal request to LitServe's worker
+queue and waits for the first event, so a refusal (queue full, context too long) still gets its
+real status code before any byte of the stream; after that, events are streamed as they come.
+Leaving early (client disconnect, caller stops iterating, server time limit) cancels the request
+in the worker through the cancel queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from litserve.server import StreamingRequestHandler
+
+from server import native
+from server.metrics import Metrics
+
+ERROR_STATUS = {"context_length_exceeded": 400, "invalid_request": 400, "attention_payload_too_large": 400,
+                "overloaded": 429, "cancelled": 499, "timeout": 504, "internal_error": 500}
+
+
+class ApiError(Exception):
+    """A refusal with an HTTP status and API.md's error body."""
+
+    def __init__(self, status: int, error_type: str, message: str, *, headers: dict | None = None, **extra):
+        super().__init__(message)
+        self.status, self.headers = status, headers or {}
+        self.body = {"error": {"type": error_type, "message": message, **extra}}
+
+
+class Admission:
+    """Bounds requests in flight across every HTTP process (a shared counter made before the fork)."""
+
+    def __init__(self, counter, capacity: int):
+        self.counter, self.capacity = counter, capacity
+
+    def enter(self) -> None:
+        with self.counter.get_lock():
+            if self.counter.value >= self.capacity:
+                raise ApiError(429, "overloaded", f"the server is at capacity ({self.capacity} requests in flight);"
+                               " retry shortly", headers={"Retry-After": "1"})
+            self.counter.value += 1
+
+    def leave(self) -> None:
+        with self.counter.get_lock():
+            self.counter.value -= 1
+
+
+class Dispatcher:
+    def __init__(self, server, lit_api, *, admission: Admission, cancel_queues: list, metrics: Metrics,
+                 max_request_seconds: float):
+        self._handler = StreamingRequestHandler(lit_api, server)
+        self.admission, self.cancel_queues, self.metrics = admission, cancel_queues, metrics
+        self.max_request_seconds = max_request_seconds
+
+    async def open(self, payload: dict) -> EventStream:
+        """Admit, submit and wait for the first event; raise ApiError if the worker refused."""
+        self.admission.enter()
+        arrived = time.perf_counter()
+        payload["request_id"] = request_id = uuid.uuid4().hex
+        stream = EventStream(self, request_id, arrived)
+        try:
+            response = await self._handler.handle_request(payload, dict)
+            stream.attach(response.body_iterator)
+            first = await stream.first()
+        except BaseException:
+            await stream.aclose()
+            raise
+        if first["type"] == "error":
+            await stream.aclose()
+            error = first["error"]
+            status = ERROR_STATUS.get(error["type"], 500)
+            raise ApiError(status, error.pop("type"), error.pop("message"),
+                           headers={"Retry-After": "1"} if status == 429 else None, **error)
+        return stream
+
+    def cancel(self, request_id: str) -> None:
+        for queue in self.cancel_queues:       # only the owning worker knows the id; all are told
+            queue.put(request_id)
+
+
+class EventStream:
+    """Native event dicts of one request, in order; always ends with a done or error event."""
+
+    def __init__(self, dispatcher: Dispatcher, request_id: str, arrived: float):
+        self.dispatcher, self.request_id, self.arrived = dispatcher, request_id, arrived
+        self.deadline = arrived + dispatcher.max_request_seconds
+        self._chunks: AsyncIterator | None = None
+        self._first: dict | None = None
+        self._ended = self._closed = False
+        self._seen_token = False
+
+    def attach(self, chunks: AsyncIterator) -> None:
+        self._chunks = chunks
+
+    async def first(self) -> dict:
+        self._first = await self._next()
+        return self._first
+
+    def __aiter__(self):
+        return self._iterate()
+
+    async def _iterate(self):
+        try:
+            if self._first is not None:
+                first, self._first = self._first, None
+                yield first
+            while not self._ended:
+                yield await self._next()
+        finally:
+            await self.aclose()
+
+    async def _next(self) -> dict:
+        try:
+            async with asyncio.timeout(max(0.0, self.deadline - time.perf_counter())):
+                chunk = await anext(self._chunks)
+        except StopAsyncIteration:   # the worker went away mid-stream (LitServe ends the stream silently)
+            event = native.error_event("internal_error", "the inference worker stopped before finishing")
+        except TimeoutError:
+            event = native.error_event("timeout", f"the request ran past the server's limit of "
+                                       f"{self.dispatcher.max_request_seconds:g} s")
+        else:
+            event = json.loads(chunk)
+        kind = event["type"]
+        if kind == "token" and not self._seen_token:
+            self._seen_token = True
+            self.dispatcher.metrics.ttft.observe(time.perf_counter() - self.arrived)
+        if kind in ("done", "error"):
+            self._ended = True
+            if kind == "error":
+                self.dispatcher.metrics.error(event["error"]["type"])
+        return event
+
+    async def aclose(self) -> None:
+        """Release everything; cancel the request in the worker if it is still running."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self._ended:
+            self.dispatcher.cancel(self.request_id)
+        self.dispatcher.metrics.e2e.observe(time.perf_counter() - self.arrived)
+        self.dispatcher.admission.leave()
+        if self._chunks is not None:
+            await self._chunks.aclose()

@@ -1,0 +1,58 @@
+"""Server settings: CLI flags and ATTNSERVE_* environment variables (pydantic-settings).
+
+Precedence: a CLI flag, then the environment variable, then the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "calculator"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ATTNSERVE_", extra="ignore")
+
+    checkpoint: Path = Field(DEFAULT_CHECKPOINT, description="checkpoint directory (ours or HF Llama format)")
+    model_name: str | None = Field(None, description="served model name (default: the directory's name)")
+    host: Literal["0.0.0.0", "127.0.0.1", "::"] = Field("127.0.0.1", description="address to bind")
+    port: int = Field(8000, ge=1024, le=65535)
+    max_batch: int = Field(16, ge=1, le=256, description="KV-cache slots: requests decoded together")
+    max_context: int | None = Field(None, ge=2, description="tokens per slot (default: the model's)")
+    max_queue: int = Field(64, ge=0, le=100_000, description="requests allowed to wait for a slot; more get 429")
+    max_attention_floats: int = Field(
+        8_000_000, ge=0, description="largest attention payload one request may ask for (floats)")
+    max_request_seconds: float = Field(
+        600.0, gt=0, description="a request running longer than this is ended with an error event")
+    api_key: SecretStr | None = Field(None, description="require this key (Bearer or X-API-Key)")
+    workers: int = Field(1, ge=1, le=64, description="inference worker processes (each its own engine)")
+    api_servers: int | None = Field(None, ge=1, le=64, description="HTTP processes (default: workers)")
+    device: Literal["cpu", "cuda"] = "cpu"
+    threads: int | None = Field(None, ge=1, description="torch threads per worker (default: cores / workers)")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins (none by default)")
+    max_body_bytes: int = Field(4_000_000, ge=1024, description="largest request body; larger gets 413")
+    metrics_dir: Path | None = Field(None, description="prometheus multiprocess directory (default: a temp dir)")
+
+    @property
+    def served_model_name(self) -> str:
+        return self.model_name or self.checkpoint.resolve().name
+
+
+def parse_args(argv: list[str] | None = None) -> Settings:
+    """Settings from CLI flags over the environment. Every field is a flag: --max-batch 8."""
+    parser = argparse.ArgumentParser(prog="attnserve", description="Serve a transformer and show where it looks.")
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = field.description or ""
+        if name == "cors_origins":
+            parser.add_argument(flag, nargs="*", default=None, help=help_text)
+        else:
+            parser.add_argument(flag, default=None, help=f"{help_text} [env ATTNSERVE_{name.upper()}]")
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    return Settings(**given)

@@ -1,0 +1,236 @@
+"""The inference worker: a LitServe LitAPI that owns the model, its KV cache and the engine.
+
+LitServe spawns one process per worker. In it, `enable_async=True` runs every request as an asyncio
+task (`predict`), while ONE engine thread drives `Engine.step()`: each step decodes all running
+requests together, whichever endpoint they came from (continuous batching). The thread hands each
+step's events to the event loop with a single `call_soon_threadsafe`, and sleeps on a condition
+when there is no work — no busy spin.
+
+Cancellation: the HTTP process sees a client go away; it sends the request id down this worker's
+cancel queue (a multiprocessing queue made before the processes start), which a small thread
+relays to `Engine.cancel` — the slot is free at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections import deque
+from typing import Any
+
+import litserve as ls
+import torch
+
+from model.checkpoint import load_checkpoint
+from model.engine import Engine, Handle
+from model.events import (
+    AttentionSpec,
+    ContextLengthExceeded,
+    Failed,
+    Finished,
+    GenerationRequest,
+    QueueFull,
+    Started,
+    Token,
+)
+from model.sampling import SamplingParams
+from server import native
+from server.metrics import Metrics
+from server.settings import Settings
+
+log = logging.getLogger("attnserve.worker")
+INTERNAL_PATH = "/internal/generate"   # LitServe's route for this API; removed from the public app
+TOMBSTONES = 4096                      # cancels remembered for requests that have not arrived yet
+
+
+class EngineAPI(ls.LitAPI):
+    def __init__(self, settings: Settings, cancel_queues: list):
+        super().__init__(api_path=INTERNAL_PATH, stream=True, enable_async=True)
+        self.settings = settings
+        self.cancel_queues = cancel_queues
+        self.runner: EngineRunner | None = None
+
+    def setup(self, device: str) -> None:
+        settings = self.settings
+        threads = settings.threads or max(1, (os.cpu_count() or 1) // settings.workers)
+        torch.set_num_threads(threads)
+        model, tokenizer = load_checkpoint(settings.checkpoint, device=device)
+        engine = Engine(model, tokenizer, max_batch=settings.max_batch, max_context=settings.max_context,
+                        max_queue=settings.max_queue + settings.max_batch)
+        worker = int(os.environ.get("LITSERVE_WORKER_ID", "0"))
+        metrics = Metrics(settings.served_model_name, engine.max_context)
+        self.runner = EngineRunner(engine, metrics, self.cancel_queues[worker], settings)
+        self.runner.start()
+        log.info("worker %d ready: %s on %s, %d threads, %d slots × %d context", worker,
+                 settings.checkpoint, device, threads, engine.max_batch, engine.max_context)
+
+    def health(self) -> bool:
+        # Called in the HTTP processes, which never run setup(): readiness of the workers
+        # (model loaded) is LitServe's per-worker setup status, which /health already checks.
+        return True
+
+    async def decode_request(self, request: dict, context: dict) -> dict:
+        return request
+
+    async def predict(self, x: dict, context: dict):
+        """One request's native events, from submission to done (or error)."""
+        runner = self.runner
+        try:
+            queue = runner.submit(to_engine_request(x))
+        except ContextLengthExceeded as e:
+            yield native.error_event("context_length_exceeded", str(e), prompt_tokens=e.prompt_tokens,
+                                     max_context=e.max_context)
+            return
+        except QueueFull as e:
+            yield native.error_event("overloaded", str(e))
+            return
+        except ValueError as e:
+            yield native.error_event("invalid_request", str(e))
+            return
+        finished = False
+        try:
+            while True:
+                event = await queue.get()
+                finished = event["type"] in ("done", "error")
+                yield event
+                if finished:
+                    return
+        finally:
+            if not finished:
+                runner.engine.cancel(x["request_id"])
+
+    async def encode_response(self, output, context: dict):
+        async for event in output:
+            yield event  # a dict: LitServe sends it as one JSON line
+
+
+def to_engine_request(x: dict[str, Any]) -> GenerationRequest:
+    """The internal payload the HTTP process built (plain, picklable) → an engine request."""
+    attention = x.get("attention")
+    if attention is not None:
+        layers, heads = attention["layers"], attention["heads"]
+        attention = AttentionSpec(layers=layers if layers == "all" else tuple(layers),
+                                  heads=heads if isinstance(heads, str) else tuple(heads),
+                                  include_prompt=attention["include_prompt"])
+    return GenerationRequest(prompt_ids=x["prompt_ids"], max_tokens=x["max_tokens"],
+                             sampling=SamplingParams(**x["sampling"]), seed=x.get("seed"),
+                             stop=tuple(x.get("stop") or ()), logprobs=x.get("logprobs"),
+                             ignore_eos=x.get("ignore_eos", False), attention=attention,
+                             request_id=x["request_id"])
+
+
+class EngineRunner:
+    """Drives the engine on a thread and delivers each request's events to its asyncio queue."""
+
+    def __init__(self, engine: Engine, metrics: Metrics, cancel_queue, settings: Settings):
+        self.engine, self.metrics, self.settings = engine, metrics, settings
+        self.tokenizer = engine.tokenizer
+        self.model_name = settings.served_model_name
+        self._cancel_queue = cancel_queue
+        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._last_token: dict[str, float] = {}
+        self._tombstones: deque[str] = deque(maxlen=TOMBSTONES)
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._cancel_thread = threading.Thread(target=self._relay_cancels, name="cancels", daemon=True)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def start(self) -> None:
+        self._thread.start()
+        self._cancel_thread.start()
+
+    def submit(self, request: GenerationRequest) -> asyncio.Queue:
+        """Called on the worker's event loop. Raises what Engine.submit raises."""
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        if request.request_id in self._tombstones:    # its client left before it got here
+            queue.put_nowait(native.error_event("cancelled", "the client disconnected"))
+            return queue
+        self._queues[request.request_id] = (loop, queue)
+        try:
+            self.engine.submit(request)
+        except Exception:
+            del self._queues[request.request_id]
+            raise
+        self.metrics.waiting.set(self.engine.num_waiting)
+        return queue
+
+    def _relay_cancels(self) -> None:
+        while True:
+            request_id = self._cancel_queue.get()
+            self._tombstones.append(request_id)
+            self.engine.cancel(request_id)
+
+    def _run(self) -> None:
+        engine = self.engine
+        while True:
+            if not engine.wait_for_work(timeout=1.0):
+                continue
+            try:
+                handles = engine.step()
+            except Exception as e:  # a bug or an out-of-memory: fail these requests, keep serving
+                log.exception("engine step failed")
+                handles = engine.fail_all("internal_error", f"generation failed: {type(e).__name__}")
+            self._deliver(handles)
+            self.metrics.running.set(engine.num_running)
+            self.metrics.waiting.set(engine.num_waiting)
+            self.metrics.kv_usage.set(engine.kv_usage)
+
+    def _deliver(self, handles: list[Handle]) -> None:
+        """Format this step's events and hand them to the event loop in one call."""
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
+        for handle in handles:
+            target = self._queues.get(handle.request_id)
+            events = [self._format(e) for e in _drain(handle)]
+            if handle.finished:
+                self._queues.pop(handle.request_id, None)
+                self._last_token.pop(handle.request_id, None)
+            if target is not None and events:
+                loop, queue = target
+                batches.setdefault(loop, []).append((queue, events))
+        for loop, batch in batches.items():
+            loop.call_soon_threadsafe(_put_all, batch)
+
+    def _format(self, event) -> dict:
+        m, now = self.metrics, event.time
+        if isinstance(event, Token):
+            last = self._last_token.get(event.request_id)
+            if last is not None:
+                m.itl.observe(now - last)
+            self._last_token[event.request_id] = now
+            return native.token_event(event, self.tokenizer)
+        if isinstance(event, Started):
+            m.queue_time.observe(event.queue_time)
+            m.prompt_tokens.observe(len(event.prompt_ids))
+            m.prompt_tokens_total.inc(len(event.prompt_ids))
+            return native.start_event(event, self.tokenizer, self.model_name)
+        if isinstance(event, Finished):
+            if event.ttft is not None:
+                m.ttft.observe(event.ttft)
+            m.generation_tokens.observe(event.completion_tokens)
+            m.generation_tokens_total.inc(event.completion_tokens)
+            if event.finish_reason != "cancelled":
+                m.success(event.finish_reason)
+            else:
+                m.error("cancelled")
+            return native.done_event(event)
+        assert isinstance(event, Failed)
+        m.error(event.error_type)
+        return native.failed_event(event)
+
+
+def _drain(handle: Handle) -> list:
+    events = []
+    while handle.events:
+        events.append(handle.events.popleft())
+    return events
+
+
+def _put_all(batch: list[tuple[asyncio.Queue, list[dict]]]) -> None:
+    for queue, events in batch:
+        for event in events:
+            queue.put_nowait(event)
+

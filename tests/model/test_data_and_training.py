@@ -1,0 +1,68 @@
+"""The calculator corpus, its held-out rule, and a tiny training run."""
+
+from __future__ import annotations
+
+import json
+
+from model.data import all_problems, calculator_split, is_held_out, number_words
+from model.train import TrainArgs, lr_at, train
+
+
+def test_number_words():
+    assert [number_words(n) for n in (0, 7, 17, 20, 42, 99, 100, 119, 198)] == [
+        "zero", "seven", "seventeen", "twenty", "forty two", "ninety nine", "one hundred",
+        "one hundred nineteen", "one hundred ninety eight"]
+
+
+def test_problem_set_matches_the_spec():
+    problems = all_problems()
+    assert len(problems) == 100 * 100 + 100 * 101 // 2          # every plus; minus only when a ≥ b
+    assert all(p.answer >= 0 for p in problems)
+    assert max(p.answer for p in problems) == 198
+    assert problems[0].text == "zero plus zero equals zero"
+    assert any(p.text == "forty two minus seven equals thirty five" for p in problems)
+
+
+def test_held_out_rule_is_respected_by_the_split():
+    train, val, held_out = calculator_split()
+    assert len(held_out) == 1368
+    assert all(is_held_out(p.a, p.b) for p in held_out)
+    assert not any(is_held_out(p.a, p.b) for p in train + val)
+    assert not {p.text for p in held_out} & {p.text for p in train}
+    assert len(train) + len(val) + len(held_out) == len(all_problems())
+
+
+def test_lr_schedule_warms_up_then_decays():
+    args = TrainArgs(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
+    assert lr_at(0, args) == 0.1 and lr_at(9, args) == 1.0
+    assert abs(lr_at(99, args) - 0.1) < 1e-3
+    assert all(lr_at(s, args) >= lr_at(s + 1, args) for s in range(10, 99))
+
+
+def test_tiny_training_run_lowers_the_loss_and_writes_a_checkpoint(tmp_path):
+    args = TrainArgs(out=str(tmp_path / "ck"), steps=40, batch_size=32, eval_every=20,
+                     warmup_steps=5, progress=False, seed=3, eval_held_out=False)
+    metrics = train(args)
+    card = json.loads((tmp_path / "ck" / "model_card.json").read_text())
+    first_losses = card["metrics"]
+    assert metrics["final_val_loss"] < 3.0 < 5.5     # ln(vocab≈280) ≈ 5.6 at random init
+    assert first_losses["final_train_loss"] == metrics["final_train_loss"]
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "loss.png", "model_card.md"):
+        assert (tmp_path / "ck" / name).is_file()
+    assert card["corpus_facts"]["held_out_problems"] == 1368
+
+
+def test_training_is_deterministic_given_a_seed(tmp_path):
+    runs = [train(TrainArgs(out=str(tmp_path / f"r{i}"), steps=6, batch_size=16, eval_every=3,
+                            warmup_steps=2, progress=False, seed=5, eval_held_out=False)) for i in range(2)]
+    assert runs[0]["final_train_loss"] == runs[1]["final_train_loss"]
+
+
+def test_text_corpus_trains_a_bpe_tokenizer(tmp_path):
+    text = "Ünïcödé lines, with 日本語 and emoji 🙂.\n" * 200
+    path = tmp_path / "book.txt"
+    path.write_text(text, encoding="utf-8")
+    metrics = train(TrainArgs(corpus="text", text_file=str(path), out=str(tmp_path / "t"), preset="calculator",
+                              vocab_size=300, steps=20, batch_size=8, block_size=32, eval_every=10,
+                              warmup_steps=2, progress=False))
+    assert metrics["final_val_loss"] < 4.0
