@@ -31,3 +31,12 @@ def model() -> Transformer:
 def _deterministic_threads():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """The real server with the shipped calculator checkpoint, on an ephemeral port, shared by the
+    session's tests (start your own with tests.serving.running_server for other settings)."""
+    from tests.serving import running_server
+    with running_server(tmp_path_factory.mktemp("server"), "--max-batch", "8") as srv:
+        yield srv
