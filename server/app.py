@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import hmac
 import json
+import math
 import multiprocessing as mp
 from pathlib import Path
 
 import litserve as ls
 from fastapi import Depends, FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.middleware.cors import CORSMiddleware
 
@@ -157,6 +160,13 @@ def build_server(settings: Settings) -> ls.LitServer:
 def add_routes(app: FastAPI, service: Service, auth, metrics: prom.Metrics) -> None:
     guarded = [Depends(auth)]
 
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own handler echoes the offending input, which may be NaN or inf (Python's
+        # JSON parser accepts them) and then fails to encode: a 500 for bad input. Not here.
+        metrics.error("validation")
+        return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
+
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         metrics.error(exc.body["error"]["type"])
@@ -262,6 +272,17 @@ async def _sse(stream: EventStream, formatter: OpenAIFormatter):
             yield sse(chunk)
     if not failed:
         yield DONE
+
+
+def _json_safe(value):
+    """Non-finite floats (not valid JSON) → their string form, recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _error_response(event: dict) -> JSONResponse:

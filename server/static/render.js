@@ -1,0 +1,185 @@
+// Drawing attention: the colour scale, token labels with visible whitespace, the heatmap of one
+// query's row over its keys, the [query × key] matrix, and per-head thumbnails.
+// Every coloured cell that stands for a weight carries data-weight (the exact number it shows,
+// as received or as averaged here) and data-layer / data-head / data-query / data-key.
+
+// White → deep blue (ColorBrewer "Blues", starting at pure white): sequential and perceptually
+// ordered, so a darker cell always means more attention.
+const BLUES = [
+  [255, 255, 255], [222, 235, 247], [198, 219, 239], [158, 202, 225], [107, 174, 214],
+  [66, 146, 198], [33, 113, 181], [8, 81, 156], [8, 48, 107],
+];
+export const GRADIENT = `linear-gradient(to right, ${BLUES.map((c) => `rgb(${c})`).join(", ")})`;
+
+export function weightColor(weight, max = 1) {
+  const t = Math.min(1, Math.max(0, max > 0 ? weight / max : 0)) * (BLUES.length - 1);
+  const i = Math.min(BLUES.length - 2, Math.floor(t));
+  const f = t - i;
+  const c = BLUES[i].map((a, j) => Math.round(a + (BLUES[i + 1][j] - a) * f));
+  return `rgb(${c[0]}, ${c[1]}, ${c[2]})`;
+}
+
+const inkColor = (weight, max) => (weight > 0.5 * max ? "#ffffff" : "#10213a");
+
+export const formatWeight = (w) => (w >= 0.9995 ? "1.000" : w.toFixed(3));
+
+// ".92" in matrix cells: two digits are what fits; exact values are in the title and data-weight.
+const shortWeight = (w) => (w < 0.005 ? "" : w >= 0.995 ? "1" : w.toFixed(2).slice(1));
+
+const VISIBLE = { " ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍" };
+const SPECIAL = /^<\|?[^<>\s]+\|?>$/;
+
+/** A token's text with whitespace made visible ("␣five"); "∅" for a token with no text. */
+export function tokenLabel(text) {
+  const out = document.createElement("span");
+  out.className = "tok-text";
+  if (text === "") {
+    out.append(glyph("∅"));
+    out.classList.add("special");
+    return out;
+  }
+  if (SPECIAL.test(text)) out.classList.add("special");
+  let plain = "";
+  for (const ch of text) {
+    if (VISIBLE[ch]) {
+      if (plain) out.append(plain);
+      plain = "";
+      out.append(glyph(VISIBLE[ch]));
+    } else {
+      plain += ch;
+    }
+  }
+  if (plain) out.append(plain);
+  return out;
+}
+
+function glyph(ch) {
+  const span = document.createElement("span");
+  span.className = "ws";
+  span.setAttribute("aria-hidden", "true");
+  span.textContent = ch;
+  return span;
+}
+
+/** A readable name for titles and captions: the token's text in quotes, whitespace escaped. */
+export const tokenName = (text) => (text === "" ? "(no text)" : JSON.stringify(text));
+
+function weightAttrs(el, weight, { layer, head, query, key }) {
+  el.dataset.weight = String(weight);
+  el.dataset.layer = String(layer);
+  el.dataset.head = String(head);
+  el.dataset.query = String(query);
+  el.dataset.key = String(key);
+}
+
+/**
+ * The heatmap of one query row: each key token as a chip coloured by its weight, the value below.
+ * `keys`: [{text}] for positions 0..query; `weights`: the row (length query + 1).
+ */
+export function renderHeatmap(list, { keys, weights, layer, head, query, scaleMax }) {
+  list.replaceChildren();
+  weights.forEach((w, key) => {
+    const item = document.createElement("li");
+    item.className = "heat-cell";
+    if (key === query) item.classList.add("is-query");
+    weightAttrs(item, w, { layer, head, query, key });
+    item.title = `key ${key} ${tokenName(keys[key].text)}: ${w}`;
+    const chip = document.createElement("span");
+    chip.className = "heat-chip";
+    chip.style.background = weightColor(w, scaleMax);
+    chip.style.color = inkColor(w, scaleMax);
+    chip.append(tokenLabel(keys[key].text));
+    const value = document.createElement("span");
+    value.className = "heat-value";
+    value.textContent = formatWeight(w);
+    item.append(chip, value);
+    list.append(item);
+  });
+}
+
+/**
+ * The [query × key] matrix as a table: a row per query position (labelled by its token, and on the
+ * right by the token that position predicts), a column per key; the causal upper triangle is blank.
+ * `tokens`: [{text, generated}] for every position; `rowOf(q)`: the weights of query q.
+ */
+export function renderMatrix(table, { tokens, rows, rowOf, layer, head, scaleMax, selectedQuery }) {
+  const cell = Math.max(10, Math.min(36, Math.floor(560 / Math.max(rows, 1))));
+  table.style.setProperty("--cell", `${cell}px`);
+  table.classList.toggle("show-values", cell >= 30);
+  table.classList.toggle("compact", cell < 18);
+
+  const head_ = table.createTHead();
+  head_.replaceChildren();
+  const top = head_.insertRow();
+  top.append(th("", "corner"));
+  for (let k = 0; k < rows; k++) {
+    const label = th("", tokens[k].generated ? "col-label generated" : "col-label", "col");
+    label.append(tokenLabel(tokens[k].text));
+    label.title = `key ${k} ${tokenName(tokens[k].text)}`;
+    top.append(label);
+  }
+  top.append(th("predicts", "next-head"));
+
+  const body = table.tBodies[0] || table.createTBody();
+  body.replaceChildren();
+  for (let q = 0; q < rows; q++) {
+    const tr = body.insertRow();
+    tr.dataset.query = String(q);
+    if (q === selectedQuery) tr.classList.add("selected");
+    const label = th("", tokens[q].generated ? "row-label generated" : "row-label", "row");
+    label.append(tokenLabel(tokens[q].text));
+    tr.append(label);
+    const weights = rowOf(q);
+    for (let k = 0; k < rows; k++) {
+      const td = tr.insertCell();
+      if (k > q) {
+        td.className = "masked"; // causal: query q never sees key k > q
+        continue;
+      }
+      const w = weights[k];
+      weightAttrs(td, w, { layer, head, query: q, key: k });
+      td.style.background = weightColor(w, scaleMax);
+      td.style.color = inkColor(w, scaleMax);
+      td.textContent = shortWeight(w);
+    }
+    const next = tokens[q + 1];
+    const nextCell = th("", next && next.generated ? "next generated" : "next");
+    if (next) {
+      nextCell.append("→ ", tokenLabel(next.text));
+    }
+    tr.append(nextCell);
+  }
+}
+
+function th(text, className, scope) {
+  const el = document.createElement("th");
+  el.className = className;
+  if (scope) el.scope = scope;
+  if (text) el.textContent = text;
+  return el;
+}
+
+/** A small picture of one head's matrix (or the mean) for choosing among heads at a glance. */
+export function drawThumbnail(canvas, { rows, rowOf, scaleMax }) {
+  const size = canvas.width;
+  const ctx = canvas.getContext("2d");
+  ctx.fillStyle = "#ffffff";
+  ctx.fillRect(0, 0, size, size);
+  const step = size / Math.max(rows, 1);
+  for (let q = 0; q < rows; q++) {
+    const weights = rowOf(q);
+    for (let k = 0; k <= q; k++) {
+      ctx.fillStyle = weightColor(weights[k], scaleMax);
+      ctx.fillRect(Math.floor(k * step), Math.floor(q * step), Math.ceil(step), Math.ceil(step));
+    }
+  }
+}
+
+/** The colour legend: the gradient from 0 to `max` with three ticks. */
+export function renderLegend(el, max) {
+  el.querySelector(".legend-bar").style.background = GRADIENT;
+  const ticks = el.querySelectorAll(".legend-ticks span");
+  [0, max / 2, max].forEach((v, i) => {
+    ticks[i].textContent = v === 0 ? "0" : v.toFixed(2);
+  });
+}
