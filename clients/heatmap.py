@@ -46,18 +46,14 @@ def heatmap(labels: Sequence[str], weights: Sequence[float], *, width: int = 20)
 
 
 def pick(rows: Sequence, index: int | str) -> list:
-    """One entry of a [layer] or [head] axis, or `"mean"` (the element-wise mean of the entries)."""
-    if index == "mean":
-        return _mean(rows)
-    return rows[int(index)]
+    """One entry of the outermost axis (a layer, or a head), or "mean": their element-wise mean."""
+    return _mean(rows) if index == "mean" else rows[int(index)]
 
 
-def _mean(rows: Sequence) -> list:
-    if rows and isinstance(rows[0], (int, float)):
-        return [sum(rows) / len(rows)]  # never reached for rows of weights; kept for symmetry
-    if rows and rows[0] and isinstance(rows[0][0], (int, float)):
-        return [sum(values) / len(rows) for values in zip(*rows)]
-    return [_mean(list(group)) for group in zip(*rows)]
+def _mean(items: Sequence):
+    if isinstance(items[0], (int, float)):
+        return sum(items) / len(items)
+    return [_mean(group) for group in zip(*items)]
 
 
 def chosen_token(completion: Completion) -> int:
@@ -69,15 +65,15 @@ def chosen_token(completion: Completion) -> int:
 
 
 def token_heatmap(completion: Completion, *, token: int | None = None, layer: int | str = -1,
-                  head: int | str = "mean", width: int = 20) -> str:
-    """The heatmap of generated token `token`'s attention (default: `chosen_token`) for one layer
-    and head of the rows the completion holds ("mean" averages that axis)."""
+                  head: int | str = "mean", label: str | None = None, width: int = 20) -> str:
+    """The heatmap of generated token `token`'s attention (default: `chosen_token`), for one entry
+    (or "mean") of the layers and of the heads the completion holds; `label` names them in the title."""
     if not completion.tokens:
         raise ValueError("no token was generated")
     index = chosen_token(completion) if token is None else range(len(completion.tokens))[token]
-    row = completion.attention_row(index)  # [layer][head][key]
-    weights = pick(pick(row, layer), head)
+    weights = pick(pick(completion.attention_row(index), layer), head)  # [layer][head][key] → [key]
     labels = [t.text for t in completion.context(index)]
-    title = (f"attention of token {index} {visible(completion.tokens[index].text, 30)!r} over "
-             f"{len(labels)} context tokens (layer {layer}, head {head}):")
+    where = label or f"layer {layer}, head {head}"
+    title = (f"attention of token {index} ({visible(completion.tokens[index].text, 30)}) over its "
+             f"{len(labels)} context tokens, {where}:")
     return title + "\n" + heatmap(labels, weights, width=width)

@@ -19,6 +19,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.middleware.cors import CORSMiddleware
 
 from model.config import ModelConfig
@@ -251,6 +252,8 @@ def add_routes(app: FastAPI, service: Service, auth, metrics: prom.Metrics) -> N
         if page.is_file():
             return FileResponse(page, media_type="text/html")
         return Response("attnserve is running; the viewer page is not installed.", media_type="text/plain")
+
+    app.mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static")  # the viewer's CSS/JS
 
     _document_stream_events(app)
 

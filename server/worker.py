@@ -207,9 +207,7 @@ class EngineRunner:
             m.prompt_tokens.observe(len(event.prompt_ids))
             m.prompt_tokens_total.inc(len(event.prompt_ids))
             return native.start_event(event, self.tokenizer, self.model_name)
-        if isinstance(event, Finished):
-            if event.ttft is not None:
-                m.ttft.observe(event.ttft)
+        if isinstance(event, Finished):   # (TTFT and e2e are timed in the HTTP process, from arrival)
             m.generation_tokens.observe(event.completion_tokens)
             m.generation_tokens_total.inc(event.completion_tokens)
             if event.finish_reason != "cancelled":

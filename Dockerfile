@@ -1,0 +1,74 @@
+# attnserve: the LitServe server and the shipped calculator checkpoint, CPU only.
+#
+#   docker build -t attnserve .                   # torch from PyTorch's CPU wheel index
+#   bash deploy/fill-wheels.sh && docker build --network host -t attnserve .   # offline: wheels/ only
+#   docker run --rm -p 127.0.0.1:8000:8000 attnserve
+#   docker run --rm -p 127.0.0.1:8000:8000 -v "$PWD/runs/book:/models/book:ro" \
+#       -e ATTNSERVE_CHECKPOINT=/models/book attnserve       # serve another checkpoint
+#
+# Wheels in the build context's wheels/ folder are preferred: when they hold every dependency
+# (deploy/fill-wheels.sh puts them there) nothing is downloaded at all; otherwise pip takes the rest
+# from PyPI, and torch from TORCH_INDEX_URL unless wheels/ has a torch wheel.
+# Kept to few layers on purpose: with the vfs storage driver every layer is a full copy.
+
+ARG PYTHON_IMAGE=python:3.11-slim
+
+FROM ${PYTHON_IMAGE} AS build
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PIP_ROOT_USER_ACTION=ignore
+COPY wheels/ /wheels/
+COPY pyproject.toml /src/
+# Dependencies first (from pyproject.toml alone), so that a source change rebuilds only the layers below.
+RUN set -eu; \
+    python -m venv /opt/venv; \
+    python -c 'import tomllib; p = tomllib.load(open("/src/pyproject.toml", "rb")); \
+print("\n".join(p["project"]["dependencies"] + p["build-system"]["requires"]))' > /tmp/requirements.txt; \
+    pip=/opt/venv/bin/pip; \
+    if ls /wheels/*.whl >/dev/null 2>&1 && $pip install -q --no-index --find-links /wheels -r /tmp/requirements.txt; then \
+        echo "installed every dependency from wheels/ (no index used)"; \
+    else \
+        echo "wheels/ does not hold every dependency: using the package index for the rest"; \
+        extra=""; ls /wheels/torch-*.whl >/dev/null 2>&1 || extra="--extra-index-url $TORCH_INDEX_URL"; \
+        $pip install -q --find-links /wheels $extra -r /tmp/requirements.txt; \
+    fi; \
+    # Test programs, C++ headers and CMake files that ship inside the torch wheel: ~190 MB never used here.
+    site=$(/opt/venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+    rm -rf "$site"/torch/test "$site"/torch/include "$site"/torch/share/cmake \
+           "$site"/torch/bin/test_* "$site"/torch/bin/*Test "$site"/torch/lib/lib*_test.so \
+           "$site"/torch/lib/libaoti_custom_ops.so "$site"/torch/lib/libbackend_with_compiler.so
+COPY README.md /src/
+COPY model/ /src/model/
+COPY server/ /src/server/
+COPY clients/ /src/clients/
+COPY checkpoints/calculator/ /app/checkpoints/calculator/
+# Non-editable install; the checkpoint is readable by the (non-root) server but owned by root.
+RUN /opt/venv/bin/pip install -q --no-index --find-links /wheels --no-deps /src \
+    && /opt/venv/bin/pip uninstall -q -y pip setuptools \
+    && chmod -R a+rX,go-w /app
+
+FROM ${PYTHON_IMAGE}
+RUN groupadd --system --gid 10001 attnserve \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin attnserve
+COPY --from=build /opt/venv /opt/venv
+COPY --from=build /app /app
+# ATTNSERVE_CHECKPOINT is explicit: the package is installed into site-packages, where the default
+# (checkpoints/ next to the source tree) does not exist. Mount another checkpoint (e.g. at /models)
+# and point ATTNSERVE_CHECKPOINT at it to serve it. The metrics dir holds prometheus_client's
+# per-process files (multi-process mode); the server clears stale ones at start.
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    ATTNSERVE_HOST=0.0.0.0 \
+    ATTNSERVE_PORT=8000 \
+    ATTNSERVE_CHECKPOINT=/app/checkpoints/calculator \
+    ATTNSERVE_METRICS_DIR=/tmp/attnserve-metrics
+WORKDIR /app
+USER 10001:10001
+EXPOSE 8000
+# SIGINT is LitServe's own clean shutdown (workers and API servers included). The server handles
+# SIGTERM the same way (Kubernetes sends SIGTERM whatever the image says).
+STOPSIGNAL SIGINT
+# /health is 200 "ok" once every worker has loaded the model, 503 before; it never needs the API key.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/health' % os.environ.get('ATTNSERVE_PORT', '8000'), timeout=4)"]
+ENTRYPOINT ["attnserve"]

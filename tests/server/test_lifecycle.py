@@ -1,0 +1,118 @@
+"""Disconnects free their slot; SIGTERM and SIGINT leave no process behind; metrics add up."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.serving import running_server
+
+pytestmark = pytest.mark.slow
+
+
+def scrape(url: str) -> dict[tuple, float]:
+    """{(sample name, sorted labels): value} of a /metrics scrape."""
+    text = requests.get(url + "/metrics", timeout=10, allow_redirects=False).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(samples: dict, name: str, **labels) -> float:
+    key = (name, tuple(sorted({"model_name": "calculator", **labels}.items())))
+    return samples.get(key, 0.0)
+
+
+def wait_until(predicate, timeout: float = 5.0) -> float:
+    start = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - start < timeout, "condition not reached in time"
+        time.sleep(0.01)
+    return time.monotonic() - start
+
+
+def test_disconnect_frees_the_slot_for_the_next_request(tmp_path):
+    with running_server(tmp_path, "--max-batch", "1", "--max-queue", "0") as srv:
+        for _ in range(3):
+            r = requests.post(srv.url + "/v1/generate", json={"prompt": "two", "max_tokens": 100_000,
+                                                             "ignore_eos": True, "stream": True}, stream=True)
+            lines = r.iter_lines()
+            for _ in range(4):
+                next(lines)
+            assert value(scrape(srv.url), "attnserve_num_requests_running") == 1
+            r.close()                                          # the client goes away mid-stream
+            wait_until(lambda: value(scrape(srv.url), "attnserve_num_requests_running") == 0, timeout=2.0)
+            # the only slot is free again: a new request is admitted and served at once
+            again = requests.post(srv.url + "/v1/generate", json={"prompt": "two plus two equals"}, timeout=10)
+            assert again.status_code == 200 and again.json()["text"] == " four"
+        assert value(scrape(srv.url), "attnserve_request_errors_total", type="cancelled") == 3
+
+
+def test_metrics_match_the_traffic_across_two_http_processes(tmp_path):
+    with running_server(tmp_path, "--api-servers", "2", "--max-context", "64") as srv:
+        prompts = {"two plus three equals": (5, 2), "forty two minus seven equals": (6, 3), "nine plus one equals": (5, 2)}
+        for _ in range(2):
+            for prompt in prompts:
+                r = requests.post(srv.url + "/v1/generate", json={"prompt": prompt, "stream": True}, timeout=30)
+                assert json.loads(r.text.splitlines()[-1])["type"] == "done"
+        assert requests.post(srv.url + "/v1/generate", json={"prompt": "two " * 80}, timeout=10).status_code == 400
+        assert requests.post(srv.url + "/v1/generate", json={"prompt": ""}, timeout=10).status_code == 422
+        m = scrape(srv.url)
+        n = 2 * len(prompts)
+        assert value(m, "attnserve_request_success_total", finish_reason="stop") == n
+        assert value(m, "attnserve_prompt_tokens_total") == 2 * sum(p for p, _ in prompts.values())
+        assert value(m, "attnserve_generation_tokens_total") == 2 * sum(g for _, g in prompts.values())
+        for histogram in ("attnserve_time_to_first_token_seconds", "attnserve_e2e_request_latency_seconds",
+                          "attnserve_request_queue_time_seconds", "attnserve_request_prompt_tokens",
+                          "attnserve_request_generation_tokens"):
+            assert value(m, histogram + "_count") == n, histogram
+        assert value(m, "attnserve_inter_token_latency_seconds_count") == 2 * sum(g - 1 for _, g in prompts.values())
+        assert value(m, "attnserve_request_prompt_tokens_bucket", le="5.0") == 2 * 2       # 1-2-5 buckets
+        assert value(m, "attnserve_request_prompt_tokens_bucket", le="64.0") == n          # … up to max_context
+        assert value(m, "attnserve_request_errors_total", type="context_length_exceeded") == 1
+        assert value(m, "attnserve_request_errors_total", type="validation") == 1
+        assert value(m, "attnserve_num_requests_running") == 0
+        assert value(m, "attnserve_num_requests_waiting") == 0
+        assert value(m, "attnserve_kv_cache_usage_ratio") == 0
+        response = requests.get(srv.url + "/metrics", timeout=10, allow_redirects=False)
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_shuts_down_every_process_and_frees_the_port(tmp_path, sig):
+    with running_server(tmp_path, "--api-servers", "2") as srv:
+        stream = requests.post(srv.url + "/v1/generate", json={"prompt": "two", "max_tokens": 100_000,
+                                                               "ignore_eos": True, "stream": True}, stream=True)
+        next(stream.iter_lines())                              # a live stream during shutdown
+        port, pgid = int(srv.url.rsplit(":", 1)[1]), srv.proc.pid
+        started = time.monotonic()
+        srv.proc.send_signal(sig)
+        srv.proc.wait(timeout=30)
+
+        def group_gone() -> bool:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return True
+            return False
+
+        wait_until(group_gone, timeout=15)
+        elapsed = time.monotonic() - started
+        assert port_is_free(port), "the port is still bound"
+        assert elapsed < 20
+        stream.close()
