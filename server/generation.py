@@ -13,6 +13,7 @@ import asyncio
 import json
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator
 
 from litserve.server import StreamingRequestHandler
@@ -93,6 +94,7 @@ class EventStream:
         self._chunks: AsyncIterator | None = None
         self._first: dict | None = None
         self._ended = self._closed = False
+        self._pending: deque[dict] = deque()   # events that arrived together in one message
         self._seen_token = False
 
     def attach(self, chunks: AsyncIterator) -> None:
@@ -116,16 +118,19 @@ class EventStream:
             await self.aclose()
 
     async def _next(self) -> dict:
-        try:
-            async with asyncio.timeout(max(0.0, self.deadline - time.perf_counter())):
-                chunk = await anext(self._chunks)
-        except StopAsyncIteration:   # the worker went away mid-stream (LitServe ends the stream silently)
-            event = native.error_event("internal_error", "the inference worker stopped before finishing")
-        except TimeoutError:
-            event = native.error_event("timeout", f"the request ran past the server's limit of "
-                                       f"{self.dispatcher.max_request_seconds:g} s")
-        else:
-            event = json.loads(chunk)
+        if not self._pending:
+            try:
+                async with asyncio.timeout(max(0.0, self.deadline - time.perf_counter())):
+                    chunk = await anext(self._chunks)
+            except StopAsyncIteration:   # the worker went away mid-stream (LitServe ends it silently)
+                self._pending.append(native.error_event(
+                    "internal_error", "the inference worker stopped before finishing"))
+            except TimeoutError:
+                self._pending.append(native.error_event(
+                    "timeout", f"the request ran past the server's limit of {self.dispatcher.max_request_seconds:g} s"))
+            else:
+                self._pending.extend(json.loads(line) for line in chunk.splitlines() if line)
+        event = self._pending.popleft()
         kind = event["type"]
         if kind == "token" and not self._seen_token:
             self._seen_token = True

@@ -14,6 +14,7 @@ relays to `Engine.cancel` — the slot is free at the next step.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import threading
@@ -80,30 +81,34 @@ class EngineAPI(ls.LitAPI):
         try:
             queue = runner.submit(to_engine_request(x))
         except ContextLengthExceeded as e:
-            yield native.error_event("context_length_exceeded", str(e), prompt_tokens=e.prompt_tokens,
-                                     max_context=e.max_context)
-            return
+            error = native.error_event("context_length_exceeded", str(e), prompt_tokens=e.prompt_tokens,
+                                       max_context=e.max_context)
         except QueueFull as e:
-            yield native.error_event("overloaded", str(e))
-            return
+            error = native.error_event("overloaded", str(e))
         except ValueError as e:
-            yield native.error_event("invalid_request", str(e))
+            error = native.error_event("invalid_request", str(e))
+        else:
+            error = None
+        if error is not None:
+            yield json.dumps(error) + "\n"
             return
         finished = False
         try:
-            while True:
-                event = await queue.get()
-                finished = event["type"] in ("done", "error")
-                yield event
-                if finished:
-                    return
+            while not finished:
+                # Send every event that is ready as one message: under load a stream falls a step
+                # or two behind, and one transport message per token would then be the bottleneck.
+                events = [await queue.get()]
+                while not queue.empty():
+                    events.append(queue.get_nowait())
+                finished = events[-1]["type"] in ("done", "error")
+                yield "".join(json.dumps(e, separators=(",", ":"), ensure_ascii=False) + "\n" for e in events)
         finally:
             if not finished:
                 runner.engine.cancel(x["request_id"])
 
     async def encode_response(self, output, context: dict):
-        async for event in output:
-            yield event  # a dict: LitServe sends it as one JSON line
+        async for lines in output:
+            yield lines  # NDJSON text: LitServe sends a str unchanged, as one message
 
 
 def to_engine_request(x: dict[str, Any]) -> GenerationRequest:

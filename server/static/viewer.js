@@ -274,15 +274,14 @@ function renderSelection(max = scaleMax(matrixRows(), state.layer, state.head)) 
       ` (position ${q}) looked`]
     : ["Where ", chipOf(token), ` (position ${pos}) looks`]));
   const headName = state.head === "mean" ? `mean of ${state.heads} heads` : `head ${state.head}`;
-  let detail = `layer ${state.layer} · ${headName}`;
+  const detail = [`layer ${state.layer} · ${headName}`];
   if (token.generated && token.logprob != null) {
-    detail += ` · p = ${percent(token.logprob)}`;
+    detail.push(` · chosen with p = ${percent(token.logprob)}`);
     const others = (token.top_logprobs || []).filter((t) => t.id !== token.id).slice(0, 3);
-    if (others.length) {
-      detail += ` · runners-up: ${others.map((t) => `${tokenName(t.text)} ${percent(t.logprob)}`).join(", ")}`;
-    }
+    if (others.length) detail.push(" · runners-up:");
+    for (const t of others) detail.push(" ", chipOf(t), ` ${percent(t.logprob)}`);
   }
-  ui.detail.textContent = detail;
+  ui.detail.replaceChildren(...detail);
   for (const tr of ui.matrix.tBodies[0]?.rows || []) {
     tr.classList.toggle("selected", Number(tr.dataset.query) === q);
   }

@@ -1,0 +1,213 @@
+"""The attention viewer (server/static/) in a real headless Chromium against the real server.
+
+The page is driven as a user would (type, generate, click a token, pick a layer and head), and what
+it renders — each cell's data-weight — is compared with an independent `/v1/generate` call.
+Needs Debian's chromium (`apt-get install -y chromium`) and Python Playwright; never
+`playwright install` (it downloads a browser). Set ATTNSERVE_VIEWER_SCREENSHOT=docs/viewer.png to
+also write the README's screenshot.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.serving import running_server
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = Path(os.environ.get("ATTNSERVE_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run"]
+PROMPT = "two plus three equals"
+ATTENTION = {"layers": "all", "heads": "all", "include_prompt": True}
+KEY = "viewer-key"
+TIMEOUT_MS = 20_000
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        pytest.skip(f"no Chromium at {CHROMIUM}: install Debian's (apt-get install -y chromium) "
+                    "to run the viewer's browser tests")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("Python Playwright is not installed (pip install -e '.[dev]')")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A fresh page that records every request it makes and every script error it hits."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.requested, page.script_errors = [], []
+    page.on("request", lambda r: page.requested.append(r.url))
+    page.on("pageerror", lambda e: page.script_errors.append(str(e)))
+    yield page
+    context.close()
+    assert not page.script_errors, f"the page raised: {page.script_errors}"
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory):
+    """A server with an API key and an 8-token context (for the 401 and overflow cases)."""
+    with running_server(tmp_path_factory.mktemp("viewer-guarded"), "--api-key", KEY, "--max-context", "8",
+                        "--max-batch", "2") as srv:
+        yield srv
+
+
+def expect(locator):
+    from playwright.sync_api import expect as playwright_expect
+    return playwright_expect(locator)
+
+
+def visible(text: str) -> str:
+    return text.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥") or "∅"
+
+
+def generate(page, prompt: str = PROMPT, *, max_tokens: int = 8, key: str | None = None) -> None:
+    page.fill("#prompt", prompt)
+    page.select_option("#strategy", "greedy")
+    page.fill("#max-tokens", str(max_tokens))
+    if key is not None:
+        page.fill("#api-key", key)
+    page.click("#generate")
+
+
+def cells(page, selector: str) -> list[dict]:
+    """data-weight/layer/head/query/key of every rendered weight cell under `selector`."""
+    return page.locator(f"{selector} [data-weight]").evaluate_all(
+        "els => els.map(e => ({...e.dataset}))")
+
+
+def check_cells(found: list[dict], expected: dict[tuple[int, int], float], layer: int, head) -> None:
+    """Each rendered cell shows exactly the API's weight for its (query, key); none is missing."""
+    assert {(int(c["query"]), int(c["key"])) for c in found} == set(expected)
+    for c in found:
+        assert (c["layer"], c["head"]) == (str(layer), str(head))
+        want = expected[int(c["query"]), int(c["key"])]
+        if head == "mean":  # averaged in the page: same order of additions, so equal up to rounding
+            assert float(c["weight"]) == pytest.approx(want, rel=1e-12, abs=1e-15), c
+        else:
+            assert float(c["weight"]) == want, c
+
+
+def row(heads: list[list[float]], head) -> list[float]:
+    if head == "mean":
+        return [sum(h[k] for h in heads) / len(heads) for k in range(len(heads[0]))]
+    return heads[head]
+
+
+def test_generate_select_token_and_layer_head(server, page, tmp_path):
+    reference = requests.post(server.url + "/v1/generate", timeout=30, json={
+        "prompt": PROMPT, "max_tokens": 8, "attention": ATTENTION}).json()
+    prompt, tokens = reference["prompt_tokens"], reference["tokens"]
+    n, layers, heads = len(prompt), len(reference["prompt_attention"]), len(reference["prompt_attention"][0])
+    assert reference["text"] == " five"
+
+    page.goto(server.url + "/")
+    generate(page)
+    expect(page.locator("#status")).to_contain_text("Finished (stop)", timeout=TIMEOUT_MS)
+
+    # The tokens as they came, spaces visible.
+    chips = page.locator("#tokens .tok")
+    assert chips.locator(".tok-text").all_inner_texts() == [visible(t["text"]) for t in prompt + tokens]
+    assert page.locator("#tokens .tok.generated .tok-text").first.inner_text() == "␣five"
+
+    # Select " five" and a layer / head: the heatmap is that token's row, as the API returns it.
+    page.locator(f'#tokens .tok[data-pos="{n}"]').click()
+    expect(page.locator(f'#tokens .tok[data-pos="{n}"]')).to_have_attribute("aria-pressed", "true")
+    for layer, head in [(layers - 1, heads - 1), (1, 2), (1, "mean")]:
+        page.select_option("#layer", str(layer))
+        page.select_option("#head", str(head))
+        weights = row(tokens[0]["attention"][layer], head)
+        check_cells(cells(page, "#heatmap"), {(n - 1, k): w for k, w in enumerate(weights)}, layer, head)
+
+    # The whole [query × key] matrix: prompt rows, then the rows that chose each later token;
+    # the causal upper triangle is blank (no weight).
+    layer, head = 2, 0
+    page.select_option("#layer", str(layer))
+    page.select_option("#head", str(head))
+    matrix = [row(h, head) for h in zip(*reference["prompt_attention"][layer], strict=True)]
+    matrix += [row(t["attention"][layer], head) for t in tokens[1:]]
+    rows = len(matrix)
+    assert rows == n + len(tokens) - 1
+    check_cells(cells(page, "#matrix"), {(q, k): w for q, r in enumerate(matrix) for k, w in enumerate(r)},
+                layer, head)
+    assert page.locator("#matrix td.masked").count() == rows * (rows - 1) // 2
+
+    # A prompt token shows its own query row; hovering previews another; arrow keys move.
+    page.locator('#tokens .tok[data-pos="2"]').click()
+    check_cells(cells(page, "#heatmap"), {(2, k): w for k, w in enumerate(matrix[2])}, layer, head)
+    page.locator('#tokens .tok[data-pos="3"]').hover()
+    expect(page.locator("#heatmap")).to_have_attribute("data-pos", "3")
+    page.mouse.move(5, 5)
+    expect(page.locator("#heatmap")).to_have_attribute("data-pos", "2")
+    page.keyboard.press("ArrowRight")
+    expect(page.locator('#tokens .tok[data-pos="3"]')).to_have_attribute("aria-pressed", "true")
+    expect(page.locator('#tokens .tok[data-pos="3"]')).to_be_focused()
+
+    # The picture for the README: " five" selected, layer 1, mean of heads.
+    page.locator(f'#tokens .tok[data-pos="{n}"]').click()
+    page.select_option("#layer", "1")
+    page.select_option("#head", "mean")
+    page.mouse.move(5, 5)
+    shot = tmp_path / "viewer.png"
+    page.screenshot(path=shot, full_page=True)
+    assert shot.stat().st_size > 10_000
+    if target := os.environ.get("ATTNSERVE_VIEWER_SCREENSHOT"):
+        shutil.copyfile(shot, target)
+
+    # Offline: nothing but the server itself was asked for (no CDN, no fonts from elsewhere).
+    assert all(url.startswith(server.url + "/") for url in page.requested), page.requested
+
+
+def test_api_key_field_and_401(guarded, page, tmp_path):
+    page.goto(guarded.url + "/")
+    expect(page.locator("#api-key")).to_have_attribute("type", "password")
+    for key in ("", "not-the-key"):
+        generate(page, key=key)
+        error = page.locator("#error")
+        expect(error).to_be_visible(timeout=TIMEOUT_MS)
+        expect(error).to_contain_text("HTTP 401")
+        expect(error).to_contain_text("unauthorized")
+        expect(error).to_contain_text("a valid API key is required")
+        assert page.locator("#tokens .tok").count() == 0
+
+    generate(page, key=KEY)
+    expect(page.locator("#status")).to_contain_text("Finished", timeout=TIMEOUT_MS)
+    expect(page.locator("#error")).to_be_hidden()
+    assert page.locator("#tokens .tok.generated .tok-text").first.inner_text() == "␣five"
+    # Kept in the page only: not in any storage, not in the URL.
+    assert page.evaluate("localStorage.length + sessionStorage.length") == 0
+    assert KEY not in page.url and not page.context.cookies()
+
+
+def test_context_overflow_is_shown(guarded, page, tmp_path):
+    prompt = "one plus two plus three plus four equals"
+    refused = requests.post(guarded.url + "/v1/generate", timeout=30, headers={"Authorization": f"Bearer {KEY}"},
+                            json={"prompt": prompt, "stream": True, "attention": ATTENTION})
+    assert refused.status_code == 400
+    error = refused.json()["error"]
+    assert error["type"] == "context_length_exceeded" and "context" in error["message"]
+
+    page.goto(guarded.url + "/")
+    generate(page, prompt, key=KEY)
+    shown = page.locator("#error")
+    expect(shown).to_be_visible(timeout=TIMEOUT_MS)
+    expect(shown).to_contain_text("HTTP 400")
+    expect(shown).to_contain_text("context_length_exceeded")
+    expect(shown.locator(".error-message")).to_have_text(error["message"])
+    fields = dict(zip(shown.locator("dt").all_inner_texts(), shown.locator("dd").all_inner_texts(), strict=True))
+    assert fields == {"prompt_tokens": str(error["prompt_tokens"]), "max_context": "8"}
+    expect(page.locator("#status")).to_have_text("Failed.")
+    page.screenshot(path=tmp_path / "viewer-error.png", full_page=True)
