@@ -47,7 +47,8 @@ def _connection_options(parser: argparse.ArgumentParser, default) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="attnserve-client", description=__doc__.split("\n\n")[0],
+    intro, examples, *_ = __doc__.split("\n\n")
+    parser = argparse.ArgumentParser(prog="attnserve-client", description=intro, epilog="examples:\n" + examples,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     _connection_options(parser, None)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -186,6 +187,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AttnserveError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except ValueError as exc:  # e.g. a --token or --head the answer does not have
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

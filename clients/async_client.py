@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Sequence
+from dataclasses import replace
 from typing import Any, Unpack
 
 import httpx
@@ -31,7 +32,8 @@ RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadError, httpx.Wr
 
 
 class AsyncClient:
-    """attnserve over HTTP, for asyncio (arguments as `Client`'s).
+    """attnserve over HTTP, for asyncio (arguments as `Client`'s; `http_client`: an
+    `httpx.AsyncClient` of yours to send with, which you close).
 
         async with AsyncClient() as client:
             completion = await client.generate("two plus three equals", max_tokens=8)
@@ -47,10 +49,11 @@ class AsyncClient:
         self.timeout = Timeout.of(timeout)
         self.retry = retry or Retry()
         if max_retries is not None:
-            self.retry = Retry(max_retries, self.retry.backoff, self.retry.max_backoff, self.retry.max_retry_after)
-        self._http = http_client or httpx.AsyncClient(timeout=httpx.Timeout(
-            connect=self.timeout.connect, read=self.timeout.read, write=self.timeout.read,
-            pool=self.timeout.connect))
+            self.retry = replace(self.retry, max_retries=max_retries)
+        self._owns_http = http_client is None  # a client given is the caller's to close
+        self._http = http_client or httpx.AsyncClient()
+        self._timeout = httpx.Timeout(connect=self.timeout.connect, read=self.timeout.read,
+                                      write=self.timeout.read, pool=self.timeout.connect)
         self._headers = default_headers(resolve_api_key(api_key))
 
     def __repr__(self) -> str:
@@ -63,7 +66,8 @@ class AsyncClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        if self._owns_http:
+            await self._http.aclose()
 
     # -- generation ------------------------------------------------------------------------------
     async def generate(self, prompt: str, **options: Unpack[GenerateOptions]) -> Completion:
@@ -130,7 +134,8 @@ class AsyncClient:
         """One request with retries, until a status in `ok` (else the mapped APIError is raised).
         With stream=True the body is left unread (the caller closes the response)."""
         url = self.base_url + path
-        request = self._http.build_request(method, url, json=json, headers={**self._headers, **(headers or {})})
+        request = self._http.build_request(method, url, json=json, headers={**self._headers, **(headers or {})},
+                                           timeout=self._timeout)
         attempts = self.retry.max_retries + 1 if retry else 1
         for attempt in range(attempts):
             last = attempt == attempts - 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import replace
 from typing import Any, Unpack
 
 import requests
@@ -36,7 +37,8 @@ class Client:
 
     `base_url` defaults to ATTNSERVE_URL, then http://127.0.0.1:8000; `api_key` to ATTNSERVE_API_KEY.
     `timeout`: seconds, `(connect, read)` or a `Timeout`. `max_retries` (or a whole `Retry` policy):
-    how often a connection error or a 429 / 503 is retried, honouring Retry-After.
+    how often a connection error or a 429 / 503 is retried, honouring Retry-After. `session`: a
+    `requests.Session` of yours to send with (you close it).
     """
 
     def __init__(self, base_url: str | None = None, *, api_key: str | None = None,
@@ -46,9 +48,10 @@ class Client:
         self.timeout = Timeout.of(timeout)
         self.retry = retry or Retry()
         if max_retries is not None:
-            self.retry = Retry(max_retries, self.retry.backoff, self.retry.max_backoff, self.retry.max_retry_after)
+            self.retry = replace(self.retry, max_retries=max_retries)
+        self._owns_session = session is None  # a session given is the caller's to close
         self._session = session or requests.Session()
-        self._session.headers.update(default_headers(resolve_api_key(api_key)))
+        self._headers = default_headers(resolve_api_key(api_key))
 
     def __repr__(self) -> str:
         return f"Client({self.base_url!r})"
@@ -60,7 +63,8 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        self._session.close()
+        if self._owns_session:
+            self._session.close()
 
     # -- generation ------------------------------------------------------------------------------
     def generate(self, prompt: str, **options: Unpack[GenerateOptions]) -> Completion:
@@ -135,7 +139,8 @@ class Client:
         for attempt in range(attempts):
             last = attempt == attempts - 1
             try:
-                response = self._session.request(method, url, json=json, stream=stream, headers=headers,
+                response = self._session.request(method, url, json=json, stream=stream,
+                                                 headers={**self._headers, **(headers or {})},
                                                  timeout=(self.timeout.connect, self.timeout.read))
             except requests.ConnectionError as exc:  # includes ConnectTimeout; not ReadTimeout
                 if last:

@@ -70,8 +70,16 @@ def token_heatmap(completion: Completion, *, token: int | None = None, layer: in
     (or "mean") of the layers and of the heads the completion holds; `label` names them in the title."""
     if not completion.tokens:
         raise ValueError("no token was generated")
-    index = chosen_token(completion) if token is None else range(len(completion.tokens))[token]
-    weights = pick(pick(completion.attention_row(index), layer), head)  # [layer][head][key] → [key]
+    n = len(completion.tokens)
+    index = chosen_token(completion) if token is None else token
+    if not -n <= index < n:
+        raise ValueError(f"there is no token {index}: {n} tokens were generated")
+    index %= n
+    row = completion.attention_row(index)  # [layer][head][key]
+    for axis, i, size in (("layer", layer, len(row)), ("head", head, len(row[0]))):
+        if i != "mean" and not -size <= int(i) < size:
+            raise ValueError(f"there is no {axis} {i} among the {size} {axis}s the server returned")
+    weights = pick(pick(row, layer), head)
     labels = [t.text for t in completion.context(index)]
     where = label or f"layer {layer}, head {head}"
     title = (f"attention of token {index} ({visible(completion.tokens[index].text, 30)}) over its "

@@ -10,6 +10,10 @@ Attention in three lines, as the explicit path below computes it:
     weights = softmax(mask(scores))  causal: a query never sees a later key    (B, nh, T, S)
     out     = weights · v            each query's mix of the values            (B, nh, T, hs)
 With grouped-query attention, g query heads share one key/value head.
+
+The mask: True = may attend. None means causal with the T queries at the last T of the S key
+positions: T == S is the plain causal triangle, T == 1 (one new token against a cache) sees
+every key. Rows of a batch at different positions need an explicit (B, 1, T, S) mask.
 """
 
 from __future__ import annotations
@@ -26,13 +30,13 @@ from model.rope import apply_rope
 
 
 def explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-    """q (B, nh, T, hs), k/v (B, nkv, S, hs), mask (B, 1, T, S) bool, True = may attend
-    (None ⇒ causal with T == S). Returns the output (B, nh, T, hs) and weights (B, nh, T, S)."""
+    """q (B, nh, T, hs), k/v (B, nkv, S, hs), mask (B, 1, T, S) bool or None (see the module
+    docstring). Returns the output (B, nh, T, hs) and weights (B, nh, T, S)."""
     B, nh, T, hs = q.shape
     nkv, S = k.shape[1], k.shape[2]
-    if mask is None:
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
-    q = q.view(B, nkv, nh // nkv, T, hs)                       # (B, nkv, g, T, hs): heads by kv group
+    if mask is None:  # causal, the queries being the last T positions
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    q = q.reshape(B, nkv, nh // nkv, T, hs)                    # (B, nkv, g, T, hs): heads by kv group
     scores = q @ k.unsqueeze(2).transpose(-2, -1) / math.sqrt(hs)  # (B, nkv, g, T, S)
     scores = scores.masked_fill(~mask.unsqueeze(-3), float("-inf"))
     weights = scores.softmax(dim=-1)                           # (B, nkv, g, T, S)
@@ -42,8 +46,13 @@ def explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> 
 
 def fast_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     """The same result as `explicit_attention`, without materialising the weights."""
-    if mask is None:  # T == S: is_causal's top-left alignment is the causal mask
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    if mask is None:
+        T, S = q.shape[2], k.shape[2]
+        if T == S:    # is_causal's top-left alignment is the causal mask only when T == S
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        if T == 1:    # one query after all S keys: nothing to mask
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
@@ -52,26 +61,36 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        self.q_proj = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
-        self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        nh, nkv, hs = self.n_heads, self.n_kv_heads, self.head_dim
+        # q, k and v projections stacked into one matrix: one matmul instead of three. Checkpoints
+        # keep HF's separate q_proj / k_proj / v_proj tensors (see `hf_weights`).
+        self.qkv_proj = nn.Linear(config.dim, (nh + 2 * nkv) * hs, bias=False)
+        self.o_proj = nn.Linear(nh * hs, config.dim, bias=False)
+
+    def hf_weights(self) -> dict[str, Tensor]:
+        """HF's q_proj / k_proj / v_proj / o_proj weights; the first three are views into qkv_proj."""
+        nh, nkv, hs = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.qkv_proj.weight.split([nh * hs, nkv * hs, nkv * hs])
+        return {"q_proj.weight": q, "k_proj.weight": k, "v_proj.weight": v, "o_proj.weight": self.o_proj.weight}
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, *, mask: Tensor | None = None,
                 cache: KVCache | None = None, slots: Slots | None = None,
                 positions: Tensor | None = None, kv_len: int = 0,
                 need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
-        """x (B, T, C) → (B, T, C), plus the attention weights (B, nh, T, S) if asked for."""
+        """x (B, T, C), cos/sin (B, T, 1, hs) → (B, T, C), plus the weights (B, nh, T, S) if asked for."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, nh, T, hs)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        nh, nkv, hs = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = F.linear(x, self.qkv_proj.weight).view(B, T, nh + 2 * nkv, hs)  # (B, T, nh+2nkv, hs)
+        qk = apply_rope(qkv[:, :, : nh + nkv], cos, sin)       # (B, T, nh+nkv, hs): q and k heads rotated together
+        q, k, v = qk[:, :, :nh], qk[:, :, nh:], qkv[:, :, nh + nkv:]  # (B, T, nh | nkv | nkv, hs)
         if cache is not None:
-            k, v = cache.update(self.layer, slots, positions, k, v, kv_len)             # (B, nkv, S, hs)
+            k, v = cache.update(self.layer, slots, positions, k, v, kv_len)  # (B, nkv, S, hs)
+        else:
+            k, v = k.transpose(1, 2), v.transpose(1, 2)         # (B, nkv, T, hs)
+        q = q.transpose(1, 2)                                   # (B, nh, T, hs)
         if need_weights:
             out, weights = explicit_attention(q, k, v, mask)
         else:
             out, weights = fast_attention(q, k, v, mask), None
-        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)          # (B, T, C)
-        return self.o_proj(out), weights
+        out = out.transpose(1, 2).reshape(B, T, nh * hs)        # (B, T, C)
+        return F.linear(out, self.o_proj.weight), weights

@@ -27,7 +27,7 @@ class CheckpointError(ValueError):
 
 
 def hf_name(name: str) -> str:
-    """Our parameter name → HF LlamaForCausalLM's."""
+    """A name from `Transformer.hf_weights` → HF LlamaForCausalLM's state-dict name."""
     return name if name.startswith("lm_head.") else f"model.{name}"
 
 
@@ -35,9 +35,9 @@ def save_checkpoint(model: Transformer, tokenizer: Tokenizer | None, directory: 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.config.save(directory)
-    tensors = {hf_name(n): p.detach().to("cpu", torch.float32).contiguous()
-               for n, p in model.state_dict().items()
-               if not (model.config.tie_embeddings and n == "lm_head.weight")}
+    # HF's tensors, one per projection: our fused q/k/v and gate/up matrices are split here.
+    tensors = {hf_name(n): w.detach().to("cpu", torch.float32).contiguous()
+               for n, w in model.hf_weights().items()}
     save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save(directory)
@@ -57,26 +57,26 @@ def load_checkpoint(directory: str | Path, *, device: str | torch.device = "cpu"
 
 
 def load_weights(model: Transformer, directory: Path) -> None:
-    """Fill `model` from the directory's safetensors file(s); every parameter must be present."""
+    """Fill `model` from the directory's safetensors file(s); every parameter must be present.
+    HF's separate projections are copied into their slices of our fused matrices."""
     files = _weight_files(directory)
-    expected = {hf_name(n): n for n in model.state_dict()
-                if not (model.config.tie_embeddings and n == "lm_head.weight")}
-    state, seen = model.state_dict(), set()
+    targets = {hf_name(n): w for n, w in model.hf_weights().items()}
+    seen = set()
     for path in files:
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                if key not in expected:
+                if key not in targets:
                     if key.endswith("rotary_emb.inv_freq") or key == "lm_head.weight":
                         continue  # derived buffers / a tied head saved anyway
                     raise CheckpointError(f"unexpected tensor {key!r} in {path.name}")
-                tensor, target = f.get_tensor(key), state[expected[key]]
+                tensor, target = f.get_tensor(key), targets[key]
                 if tensor.shape != target.shape:
                     raise CheckpointError(f"{key}: shape {tuple(tensor.shape)} in {path.name}, "
                                           f"config expects {tuple(target.shape)}")
                 with torch.no_grad():
                     target.copy_(tensor.to(target.dtype))
                 seen.add(key)
-    if missing := sorted(set(expected) - seen):
+    if missing := sorted(set(targets) - seen):
         raise CheckpointError(f"{directory}: missing tensors {missing[:5]}{' …' if len(missing) > 5 else ''}")
 
 

@@ -24,19 +24,20 @@ class KVCache(nn.Module):
         # persistent=False: a cache is working memory, never part of a checkpoint.
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        # Slot numbers as a column, so a slice of slots becomes row indices without an arange.
+        self.register_buffer("_slot_ids", torch.arange(max_batch, device=device)[:, None], persistent=False)
 
     def update(self, layer: int, slots: Slots, positions: Tensor, k: Tensor, v: Tensor,
                kv_len: int) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, nkv, T, hs) at `positions` (B, T) of `slots`; return the slots' cached
+        """Write k, v (B, T, nkv, hs) at `positions` (B, T) of `slots`; return the slots' cached
         keys and values for positions 0 … kv_len-1, each (B, nkv, kv_len, hs)."""
-        k_layer, v_layer = self.k[layer], self.v[layer]             # (S, nkv, C, hs)
-        rows = _slot_index(slots, k.device)[:, None]                # (B, 1)
+        k_layer, v_layer = self.k[layer], self.v[layer]             # (max_batch, nkv, C, hs)
+        rows = self._slot_ids[slots] if isinstance(slots, slice) else slots[:, None]  # (B, 1)
         # Advanced indices on dims 0 and 2 put the broadcast (B, T) first: (B, T, nkv, hs).
-        k_layer[rows, :, positions] = k.transpose(1, 2)
-        v_layer[rows, :, positions] = v.transpose(1, 2)
-        if isinstance(slots, slice):                                # a view: no copy
-            return k_layer[slots, :, :kv_len], v_layer[slots, :, :kv_len]
-        return k_layer[:, :, :kv_len][slots], v_layer[:, :, :kv_len][slots]
+        k_layer[rows, :, positions] = k
+        v_layer[rows, :, positions] = v
+        # A slice of slots is a view (no copy); an index tensor gathers its rows.
+        return k_layer[slots, :, :kv_len], v_layer[slots, :, :kv_len]
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` positions of slot `src` to slot `dst` (all layers)."""
@@ -46,9 +47,3 @@ class KVCache(nn.Module):
     @property
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
-
-
-def _slot_index(slots: Slots, device: torch.device) -> Tensor:
-    if isinstance(slots, slice):
-        return torch.arange(slots.start or 0, slots.stop, device=device)
-    return slots

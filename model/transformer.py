@@ -29,22 +29,32 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        """weight · x / √(mean(x²) + eps), computed in float32 (as HF's LlamaRMSNorm)."""
+        if x.dtype == torch.float32:  # one fused kernel where no casts are needed
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) · up(x))."""
+    """SwiGLU: down(silu(gate(x)) · up(x)). gate and up are stacked into one matrix (one matmul);
+    checkpoints keep HF's separate gate_proj / up_proj tensors (see `hf_weights`)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.dim, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.dim, config.intermediate_size, bias=False)
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.dim, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.dim, bias=False)
 
+    def hf_weights(self) -> dict[str, Tensor]:
+        """HF's gate_proj / up_proj / down_proj weights; the first two are views into gate_up_proj."""
+        gate, up = self.gate_up_proj.weight.chunk(2)
+        return {"gate_proj.weight": gate, "up_proj.weight": up, "down_proj.weight": self.down_proj.weight}
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = F.linear(x, self.gate_up_proj.weight).chunk(2, dim=-1)  # each (B, T, I)
+        return F.linear(F.silu(gate) * up, self.down_proj.weight)
 
 
 class Block(nn.Module):
@@ -55,8 +65,11 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, **attn_kwargs) -> tuple[Tensor, Tensor | None]:
-        h, weights = self.self_attn(self.input_layernorm(x), cos, sin, **attn_kwargs)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None,
+                slots: Slots | None, positions: Tensor, kv_len: int,
+                need_weights: bool) -> tuple[Tensor, Tensor | None]:
+        h, weights = self.self_attn(self.input_layernorm(x), cos, sin, mask=mask, cache=cache, slots=slots,
+                                    positions=positions, kv_len=kv_len, need_weights=need_weights)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, weights
@@ -83,9 +96,10 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def init_weights(self, *, seed: int | None = None, std: float = 0.02) -> None:
-        """Normal(0, std) linears and embeddings; output projections scaled by depth (GPT-2)."""
+        """Normal(0, std) linears and embeddings; output projections scaled by depth (GPT-2).
+        Drawn tensor by tensor in HF's layout, so a seed gives the same weights however ours are fused."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        for name, p in self.named_parameters():
+        for name, p in self.hf_weights().items():
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
                 continue
@@ -94,6 +108,22 @@ class Transformer(nn.Module):
                 scale = std / (2 * self.config.n_layers) ** 0.5
             with torch.no_grad():
                 p.copy_(torch.randn(p.shape, generator=gen) * scale)
+
+    def hf_weights(self) -> dict[str, Tensor]:
+        """Every weight under its name in HF's LlamaForCausalLM (less the "model." prefix), in HF's
+        order; fused projections appear as their HF parts, views into our stacked matrices. A tied
+        head is not listed: it is embed_tokens.weight."""
+        weights = {"embed_tokens.weight": self.embed_tokens.weight}
+        for i, block in enumerate(self.layers):
+            prefix = f"layers.{i}."
+            weights[prefix + "input_layernorm.weight"] = block.input_layernorm.weight
+            weights |= {prefix + "self_attn." + n: w for n, w in block.self_attn.hf_weights().items()}
+            weights[prefix + "post_attention_layernorm.weight"] = block.post_attention_layernorm.weight
+            weights |= {prefix + "mlp." + n: w for n, w in block.mlp.hf_weights().items()}
+        weights["norm.weight"] = self.norm.weight
+        if not self.config.tie_embeddings:
+            weights["lm_head.weight"] = self.lm_head.weight
+        return weights
 
     def new_cache(self, max_batch: int, max_context: int | None = None) -> KVCache:
         c = self.config
@@ -115,20 +145,22 @@ class Transformer(nn.Module):
             if cache is not None:
                 raise ValueError("the cache path needs explicit positions")
             positions = torch.arange(T, device=tokens.device).expand(B, T)
-        cos = self.rope_cos[positions].unsqueeze(1)               # (B, 1, T, hs)
-        sin = self.rope_sin[positions].unsqueeze(1)
+        cos = self.rope_cos[positions].unsqueeze(2)               # (B, T, 1, hs): one row per token,
+        sin = self.rope_sin[positions].unsqueeze(2)               # broadcast over the heads
         kv_len, mask = 0, None
         if cache is not None:
             kv_len = int(positions.max()) + 1
             if kv_len > cache.max_context:
                 raise ValueError(f"position {kv_len - 1} is beyond the cache's max_context={cache.max_context}")
-            keys = torch.arange(kv_len, device=tokens.device)
-            mask = (keys <= positions.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, S): causal per row
+            # No mask where every row's queries are the last T of the kv_len keys (see
+            # model/attention.py): a prompt from position 0, or one row's next token.
+            if not (T == kv_len or (B == 1 and T == 1)):
+                keys = torch.arange(kv_len, device=tokens.device)
+                mask = (keys <= positions.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, S): causal per row
         x = self.embed_tokens(tokens)                             # (B, T, C)
         attentions = {}
         for i, block in enumerate(self.layers):
-            x, weights = block(x, cos, sin, mask=mask, cache=cache, slots=slots, positions=positions,
-                               kv_len=kv_len, need_weights=i in attn_layers)
+            x, weights = block(x, cos, sin, mask, cache, slots, positions, kv_len, i in attn_layers)
             if weights is not None:
                 attentions[i] = weights
         if last_only:

@@ -132,18 +132,27 @@ def authorization(settings: Settings):
     return check
 
 
+class AttnServer(ls.LitServer):
+    """LitServer, plus what a restarted worker needs to recover (see EngineAPI.setup)."""
+
+    def launch_single_inference_worker(self, lit_api: EngineAPI, worker_id: int):
+        lit_api.request_queue = self._get_request_queue(lit_api.api_path)
+        lit_api.restarted = True
+        return super().launch_single_inference_worker(lit_api, worker_id)
+
+
 def build_server(settings: Settings) -> ls.LitServer:
     """The LitServer with every route of API.md; call `.run(...)` (see server/__main__.py)."""
     prom.reset_metrics_dir()
     service = Service(settings)
     spawn = mp.get_context("spawn")
-    cancel_queues = [spawn.Queue() for _ in range(settings.workers)]
-    api = EngineAPI(settings, cancel_queues)
+    readers, writers = zip(*(spawn.Pipe(duplex=False) for _ in range(settings.workers)))
+    api = EngineAPI(settings, list(readers))
     middlewares = []
     if settings.cors_origins:
         middlewares.append((CORSMiddleware, {"allow_origins": settings.cors_origins, "allow_methods": ["*"],
                                              "allow_headers": ["*"]}))
-    server = ls.LitServer(api, accelerator=settings.device, devices=1, workers_per_device=settings.workers,
+    server = AttnServer(api, accelerator=settings.device, devices=1, workers_per_device=settings.workers,
                           timeout=False, max_payload_size=settings.max_body_bytes, middlewares=middlewares,
                           restart_workers=True)
     app = server.app
@@ -152,7 +161,7 @@ def build_server(settings: Settings) -> ls.LitServer:
     metrics = prom.Metrics(service.model_name, service.max_context)
     capacity = settings.workers * settings.max_batch + settings.max_queue
     service.dispatcher = Dispatcher(server, api, admission=Admission(spawn.Value("i", 0), capacity),
-                                    cancel_queues=cancel_queues, metrics=metrics,
+                                    cancel_writers=list(writers), metrics=metrics,
                                     max_request_seconds=settings.max_request_seconds)
     add_routes(app, service, authorization(settings), metrics)
     return server

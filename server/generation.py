@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 import uuid
 from collections import deque
@@ -20,9 +21,22 @@ from litserve.server import StreamingRequestHandler
 
 from server import native
 from server.metrics import Metrics
+from server.worker import WORKER_PID
+
+LIVENESS_CHECK_SECONDS = 1.0   # how often a waiting stream checks that its worker process is alive
 
 ERROR_STATUS = {"context_length_exceeded": 400, "invalid_request": 400, "attention_payload_too_large": 400,
                 "overloaded": 429, "cancelled": 499, "timeout": 504, "internal_error": 500}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class ApiError(Exception):
@@ -53,10 +67,12 @@ class Admission:
 
 
 class Dispatcher:
-    def __init__(self, server, lit_api, *, admission: Admission, cancel_queues: list, metrics: Metrics,
+    def __init__(self, server, lit_api, *, admission: Admission, cancel_writers: list, metrics: Metrics,
                  max_request_seconds: float):
         self._handler = StreamingRequestHandler(lit_api, server)
-        self.admission, self.cancel_queues, self.metrics = admission, cancel_queues, metrics
+        self.admission, self.cancel_writers, self.metrics = admission, cancel_writers, metrics
+        for writer in cancel_writers:
+            os.set_blocking(writer.fileno(), False)   # a stuck worker must never block the event loop
         self.max_request_seconds = max_request_seconds
 
     async def open(self, payload: dict) -> EventStream:
@@ -81,8 +97,11 @@ class Dispatcher:
         return stream
 
     def cancel(self, request_id: str) -> None:
-        for queue in self.cancel_queues:       # only the owning worker knows the id; all are told
-            queue.put(request_id)
+        for writer in self.cancel_writers:     # only the owning worker knows the id; all are told
+            try:
+                writer.send_bytes(request_id.encode())   # < PIPE_BUF: one atomic write
+            except (BlockingIOError, BrokenPipeError):
+                pass                                     # that worker is gone or stuck: nothing to cancel
 
 
 class EventStream:
@@ -95,6 +114,7 @@ class EventStream:
         self._first: dict | None = None
         self._ended = self._closed = False
         self._pending: deque[dict] = deque()   # events that arrived together in one message
+        self._worker_pid: int | None = None
         self._seen_token = False
 
     def attach(self, chunks: AsyncIterator) -> None:
@@ -119,19 +139,11 @@ class EventStream:
 
     async def _next(self) -> dict:
         if not self._pending:
-            try:
-                async with asyncio.timeout(max(0.0, self.deadline - time.perf_counter())):
-                    chunk = await anext(self._chunks)
-            except StopAsyncIteration:   # the worker went away mid-stream (LitServe ends it silently)
-                self._pending.append(native.error_event(
-                    "internal_error", "the inference worker stopped before finishing"))
-            except TimeoutError:
-                self._pending.append(native.error_event(
-                    "timeout", f"the request ran past the server's limit of {self.dispatcher.max_request_seconds:g} s"))
-            else:
-                self._pending.extend(json.loads(line) for line in chunk.splitlines() if line)
+            self._pending.extend(await self._receive())
         event = self._pending.popleft()
         kind = event["type"]
+        if kind == "start":
+            self._worker_pid = event.pop(WORKER_PID, None)
         if kind == "token" and not self._seen_token:
             self._seen_token = True
             self.dispatcher.metrics.ttft.observe(time.perf_counter() - self.arrived)
@@ -140,6 +152,31 @@ class EventStream:
             if kind == "error":
                 self.dispatcher.metrics.error(event["error"]["type"])
         return event
+
+    async def _receive(self) -> list[dict]:
+        """The next message's events, or an error event if the worker died or time ran out."""
+        next_chunk = asyncio.ensure_future(anext(self._chunks))
+        try:
+            while True:
+                remaining = self.deadline - time.perf_counter()
+                if remaining <= 0:
+                    return [native.error_event("timeout", "the request ran past the server's limit of "
+                                               f"{self.dispatcher.max_request_seconds:g} s")]
+                done, _ = await asyncio.wait({next_chunk}, timeout=min(remaining, LIVENESS_CHECK_SECONDS))
+                if done:
+                    break
+                if self._worker_pid is not None and not _alive(self._worker_pid):
+                    # LitServe restarts a dead worker but never ends the streams it was serving.
+                    return [native.error_event("internal_error", "the inference worker died; "
+                                               "the server is restarting it, retry shortly")]
+            chunk = next_chunk.result()
+        except StopAsyncIteration:   # the stream ended without a last event: LitServe's silent error
+            return [native.error_event("internal_error", "the inference worker stopped before finishing")]
+        finally:
+            if not next_chunk.done():
+                next_chunk.cancel()
+                await asyncio.wait({next_chunk})   # let the generator settle before it is closed
+        return [json.loads(line) for line in chunk.splitlines() if line]
 
     async def aclose(self) -> None:
         """Release everything; cancel the request in the worker if it is still running."""

@@ -6,9 +6,10 @@ requests together, whichever endpoint they came from (continuous batching). The 
 step's events to the event loop with a single `call_soon_threadsafe`, and sleeps on a condition
 when there is no work — no busy spin.
 
-Cancellation: the HTTP process sees a client go away; it sends the request id down this worker's
-cancel queue (a multiprocessing queue made before the processes start), which a small thread
-relays to `Engine.cancel` — the slot is free at the next step.
+Cancellation: the HTTP process sees a client go away; it writes the request id into this worker's
+cancel pipe (made before the processes start; a pipe, not a multiprocessing.Queue, whose lock a
+killed worker would hold forever), which a small thread relays to `Engine.cancel` — the slot is
+free at the next step.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections import deque
 from typing import Any
 
@@ -43,15 +45,19 @@ from server.settings import Settings
 
 log = logging.getLogger("attnserve.worker")
 INTERNAL_PATH = "/internal/generate"   # LitServe's route for this API; removed from the public app
-TOMBSTONES = 4096                      # cancels remembered for requests that have not arrived yet
+TOMBSTONES = 4096
+FLUSH = "_flush"                      # a no-op request (see EngineAPI.setup)
+WORKER_PID = "_worker_pid"             # internal field of the start event, removed before it is sent                      # cancels remembered for requests that have not arrived yet
 
 
 class EngineAPI(ls.LitAPI):
-    def __init__(self, settings: Settings, cancel_queues: list):
+    def __init__(self, settings: Settings, cancel_readers: list):
         super().__init__(api_path=INTERNAL_PATH, stream=True, enable_async=True)
         self.settings = settings
-        self.cancel_queues = cancel_queues
+        self.cancel_readers = cancel_readers
         self.runner: EngineRunner | None = None
+        self.request_queue = None     # LitServe's request queue, set by AttnServer before a restart
+        self.restarted = False
 
     def setup(self, device: str) -> None:
         settings = self.settings
@@ -62,8 +68,13 @@ class EngineAPI(ls.LitAPI):
                         max_queue=settings.max_queue + settings.max_batch)
         worker = int(os.environ.get("LITSERVE_WORKER_ID", "0"))
         metrics = Metrics(settings.served_model_name, engine.max_context)
-        self.runner = EngineRunner(engine, metrics, self.cancel_queues[worker], settings)
+        self.runner = EngineRunner(engine, metrics, self.cancel_readers[worker], settings)
         self.runner.start()
+        if self.restarted and self.request_queue is not None:
+            # LitServe 0.2.19's worker waits with `request_queue.get(1.0)` — block=1.0, no timeout —
+            # so a killed worker leaves a get() pending in the queue's manager that would swallow
+            # the next request. Feed it a no-op first.
+            self.request_queue.put((0, f"flush-{os.getpid()}", time.monotonic(), {FLUSH: True}))
         log.info("worker %d ready: %s on %s, %d threads, %d slots × %d context", worker,
                  settings.checkpoint, device, threads, engine.max_batch, engine.max_context)
 
@@ -77,6 +88,8 @@ class EngineAPI(ls.LitAPI):
 
     async def predict(self, x: dict, context: dict):
         """One request's native events, from submission to done (or error)."""
+        if x.get(FLUSH):
+            return
         runner = self.runner
         try:
             queue = runner.submit(to_engine_request(x))
@@ -129,11 +142,11 @@ def to_engine_request(x: dict[str, Any]) -> GenerationRequest:
 class EngineRunner:
     """Drives the engine on a thread and delivers each request's events to its asyncio queue."""
 
-    def __init__(self, engine: Engine, metrics: Metrics, cancel_queue, settings: Settings):
+    def __init__(self, engine: Engine, metrics: Metrics, cancel_reader, settings: Settings):
         self.engine, self.metrics, self.settings = engine, metrics, settings
         self.tokenizer = engine.tokenizer
         self.model_name = settings.served_model_name
-        self._cancel_queue = cancel_queue
+        self._cancel_reader = cancel_reader
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._last_token: dict[str, float] = {}
         self._tombstones: deque[str] = deque(maxlen=TOMBSTONES)
@@ -165,7 +178,7 @@ class EngineRunner:
 
     def _relay_cancels(self) -> None:
         while True:
-            request_id = self._cancel_queue.get()
+            request_id = self._cancel_reader.recv_bytes().decode()
             self._tombstones.append(request_id)
             self.engine.cancel(request_id)
 
@@ -211,7 +224,9 @@ class EngineRunner:
             m.queue_time.observe(event.queue_time)
             m.prompt_tokens.observe(len(event.prompt_ids))
             m.prompt_tokens_total.inc(len(event.prompt_ids))
-            return native.start_event(event, self.tokenizer, self.model_name)
+            start = native.start_event(event, self.tokenizer, self.model_name)
+            start[WORKER_PID] = os.getpid()      # internal: lets the HTTP side notice if we die
+            return start
         if isinstance(event, Finished):   # (TTFT and e2e are timed in the HTTP process, from arrival)
             m.generation_tokens.observe(event.completion_tokens)
             m.generation_tokens_total.inc(event.completion_tokens)

@@ -11,13 +11,15 @@ const BLUES = [
 ];
 export const GRADIENT = `linear-gradient(to right, ${BLUES.map((c) => `rgb(${c})`).join(", ")})`;
 
-export function weightColor(weight, max = 1) {
+/** [r, g, b] for a weight on the scale 0…max. */
+export function weightRGB(weight, max = 1) {
   const t = Math.min(1, Math.max(0, max > 0 ? weight / max : 0)) * (BLUES.length - 1);
   const i = Math.min(BLUES.length - 2, Math.floor(t));
   const f = t - i;
-  const c = BLUES[i].map((a, j) => Math.round(a + (BLUES[i + 1][j] - a) * f));
-  return `rgb(${c[0]}, ${c[1]}, ${c[2]})`;
+  return BLUES[i].map((a, j) => Math.round(a + (BLUES[i + 1][j] - a) * f));
 }
+
+export const weightColor = (weight, max = 1) => `rgb(${weightRGB(weight, max).join(", ")})`;
 
 const inkColor = (weight, max) => (weight > 0.5 * max ? "#ffffff" : "#10213a");
 
@@ -159,19 +161,40 @@ function th(text, className, scope) {
   return el;
 }
 
-/** A small picture of one head's matrix (or the mean) for choosing among heads at a glance. */
-export function drawThumbnail(canvas, { rows, rowOf, scaleMax }) {
-  const size = canvas.width;
-  const ctx = canvas.getContext("2d");
-  ctx.fillStyle = "#ffffff";
-  ctx.fillRect(0, 0, size, size);
-  const step = size / Math.max(rows, 1);
+// Past this many rows a table of cells gets slow to build (seconds at 256 rows in Chromium):
+// larger patterns are drawn on a canvas, one pixel block per cell.
+export const TABLE_MAX_ROWS = 80;
+
+/**
+ * A [query × key] pattern on a canvas: the per-head thumbnails, and the matrix itself when it has
+ * more than TABLE_MAX_ROWS rows. Above the diagonal stays transparent; `selectedQuery` is outlined.
+ */
+export function drawPattern(canvas, { rows, rowOf, scaleMax, selectedQuery = null, background = null }) {
+  const image = new ImageData(Math.max(rows, 1), Math.max(rows, 1));
   for (let q = 0; q < rows; q++) {
     const weights = rowOf(q);
     for (let k = 0; k <= q; k++) {
-      ctx.fillStyle = weightColor(weights[k], scaleMax);
-      ctx.fillRect(Math.floor(k * step), Math.floor(q * step), Math.ceil(step), Math.ceil(step));
+      const at = (q * rows + k) * 4;
+      image.data.set(weightRGB(weights[k], scaleMax), at);
+      image.data[at + 3] = 255;
     }
+  }
+  const pixels = document.createElement("canvas");
+  pixels.width = pixels.height = image.width;
+  pixels.getContext("2d").putImageData(image, 0, 0);
+  const ctx = canvas.getContext("2d");
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  if (background) {
+    ctx.fillStyle = background;
+    ctx.fillRect(0, 0, canvas.width, canvas.height);
+  }
+  ctx.imageSmoothingEnabled = false;
+  ctx.drawImage(pixels, 0, 0, canvas.width, canvas.height);
+  if (selectedQuery != null && rows) {
+    const step = canvas.height / rows;
+    ctx.strokeStyle = "#e8590c";
+    ctx.lineWidth = 2;
+    ctx.strokeRect(0, selectedQuery * step, (selectedQuery + 1) * step, step);
   }
 }
 
@@ -182,4 +205,26 @@ export function renderLegend(el, max) {
   [0, max / 2, max].forEach((v, i) => {
     ticks[i].textContent = v === 0 ? "0" : v.toFixed(2);
   });
+}
+
+/** An error as the server (or the connection) described it: kind, message and any other fields. */
+export function renderError(el, err) {
+  const title = document.createElement("strong");
+  const where = err.fields?.during_stream ? "during the stream" : err.status ? `HTTP ${err.status}` : "";
+  title.textContent = `Error${where ? ` (${where})` : ""}: ${err.type || err.name}`;
+  const message = document.createElement("p");
+  message.className = "error-message";
+  message.textContent = err.message;
+  el.replaceChildren(title, message);
+  const fields = Object.entries(err.fields || {}).filter(([k, v]) => k !== "during_stream" && v != null);
+  if (!fields.length) return;
+  const list = document.createElement("dl");
+  for (const [k, v] of fields) {
+    const dt = document.createElement("dt");
+    dt.textContent = k;
+    const dd = document.createElement("dd");
+    dd.textContent = typeof v === "object" ? JSON.stringify(v) : String(v);
+    list.append(dt, dd);
+  }
+  el.append(list);
 }

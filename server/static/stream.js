@@ -19,7 +19,8 @@ export async function* streamGenerate(request, { apiKey = "", signal } = {}) {
   if (apiKey) headers.Authorization = `Bearer ${apiKey}`;
   let response;
   try {
-    response = await fetch("/v1/generate", {
+    // Relative to the page, so that the viewer also works behind a proxy that adds a path prefix.
+    response = await fetch("v1/generate", {
       method: "POST", headers, signal, body: JSON.stringify({ ...request, stream: true }),
     });
   } catch (err) {

@@ -1,13 +1,12 @@
 // The attention viewer: stream a generation with every layer's and head's attention, then show,
 // for the chosen layer and head (or the mean over heads), one token's attention as a heatmap
 // over its context and the whole [query × key] matrix. All switching happens here, client-side.
-//
-// Positions: 0..n-1 are the prompt tokens, n + i is generated token i. A prompt token's attention
-// is its own query row (prompt_attention[l][h][q]); generated token i's attention is the row that
-// *chose* it — the query at position n − 1 + i (API.md) — so row n − 1 is shared by the last
-// prompt token and the first generated one. The matrix has a row per position that was a query.
+// Which row is which token's attention: see generation.js.
 
-import { renderHeatmap, renderLegend, renderMatrix, drawThumbnail, tokenLabel, tokenName } from "./render.js";
+import { Generation, pickHead } from "./generation.js";
+import {
+  TABLE_MAX_ROWS, drawPattern, renderError, renderHeatmap, renderLegend, renderMatrix, tokenLabel, tokenName,
+} from "./render.js";
 import { streamGenerate } from "./stream.js";
 
 const $ = (id) => document.getElementById(id);
@@ -17,24 +16,23 @@ const ui = {
   generate: $("generate"), stop: $("stop"), status: $("status"), error: $("error"), model: $("model"),
   tokens: $("tokens"), layer: $("layer"), head: $("head"), stretch: $("stretch"), legend: $("legend"),
   caption: $("heat-caption"), detail: $("heat-detail"), heatmap: $("heatmap"), matrix: $("matrix"),
-  heads: $("heads"), readout: $("readout"), attention: $("attention"), empty: $("empty"),
+  matrixCanvas: $("matrix-canvas"), heads: $("heads"), readout: $("readout"), attention: $("attention"),
+  empty: $("empty"),
 };
 
 const P_DEFAULTS = { top_p: 0.9, min_p: 0.05, typical: 0.9 };
 
+let gen = new Generation();
+
 const state = {
-  prompt: [], // [{id, text}]
-  promptAttention: null, // [layer][head][query][key]
-  generated: [], // token events: {index, id, text, logprob, top_logprobs, attention: [layer][head][key]}
-  layers: 0,
-  heads: 0,
   layer: 0,
   head: "mean", // or a head index
   selected: null, // the selected position
   preview: null, // the position under the pointer, shown instead of the selection
   chosenByUser: false,
   controller: null, // AbortController of the running generation
-  frame: 0,
+  timer: 0, // a pending throttled render
+  lastRender: 0,
 };
 
 // -- the request ---------------------------------------------------------------------------------
@@ -60,9 +58,8 @@ function showSamplingFields() {
   document.querySelectorAll("[data-for]").forEach((el) => {
     el.hidden = !el.dataset.for.split(" ").includes(strategy);
   });
+  // The exact ranges ((0, 1] for top_p and typical, [0, 1) for min_p) are the server's to enforce.
   if (strategy in P_DEFAULTS) ui.p.value = P_DEFAULTS[strategy];
-  ui.p.min = strategy === "min_p" ? "0" : "0.001";
-  ui.p.max = strategy === "min_p" ? "0.999" : "1";
 }
 
 // -- streaming -----------------------------------------------------------------------------------
@@ -82,7 +79,7 @@ async function generate(event) {
       else if (e.type === "done") onDone(e);
     }
   } catch (err) {
-    if (err.name === "AbortError") setStatus(`Stopped after ${state.generated.length} tokens.`);
+    if (err.name === "AbortError") setStatus(`Stopped after ${gen.tokens.length} tokens.`);
     else showError(err);
   } finally {
     state.controller = null;
@@ -91,26 +88,20 @@ async function generate(event) {
 }
 
 function onStart(e) {
-  state.prompt = e.prompt_tokens;
-  state.promptAttention = e.prompt_attention || null;
-  if (state.promptAttention) {
-    state.layers = state.promptAttention.length;
-    state.heads = state.promptAttention[0].length;
-  }
-  ui.model.textContent = `${e.model} · ${state.layers} layers × ${state.heads} heads`;
+  gen.start(e);
+  ui.model.textContent = `${gen.model} · ${gen.layers} layers × ${gen.heads} heads`;
   fillSelectors();
-  state.prompt.forEach((t, pos) => addChip(pos, t, false));
-  state.selected = state.prompt.length - 1;
-  setStatus(`Prompt: ${state.prompt.length} tokens. Generating…`);
+  gen.prompt.forEach((_, pos) => addChip(pos));
+  state.selected = gen.prompt.length - 1;
+  setStatus(`Prompt: ${gen.prompt.length} tokens. Generating…`);
   scheduleRender();
 }
 
 function onToken(e) {
-  state.generated.push(e);
-  const pos = state.prompt.length + e.index;
-  addChip(pos, e, true);
+  const pos = gen.add(e);
+  addChip(pos, e.text === "" ? " (adds no text)" : "");
   if (!state.chosenByUser && e.index === 0) state.selected = pos; // show the answer's first token
-  setStatus(`Generating… ${state.generated.length} tokens`);
+  setStatus(`Generating… ${gen.tokens.length} tokens`);
   scheduleRender();
 }
 
@@ -120,12 +111,13 @@ function onDone(e) {
     `${e.usage.prompt_tokens} prompt + ${e.usage.completion_tokens} generated tokens`];
   if (t.ttft_ms != null) parts.push(`first token ${t.ttft_ms.toFixed(1)} ms`);
   if (t.tokens_per_second) parts.push(`${Math.round(t.tokens_per_second)} tokens/s`);
+  render(); // the final state now, not after the streaming throttle
   setStatus(`${parts.join(" · ")}.`);
 }
 
 function reset() {
-  Object.assign(state, { prompt: [], promptAttention: null, generated: [], selected: null, preview: null,
-    chosenByUser: false });
+  gen = new Generation();
+  Object.assign(state, { selected: null, preview: null, chosenByUser: false });
   ui.tokens.replaceChildren();
   ui.error.hidden = true;
   ui.error.replaceChildren();
@@ -143,76 +135,20 @@ function setStatus(text) {
 }
 
 function showError(err) {
-  const title = document.createElement("strong");
-  const where = err.fields && err.fields.during_stream ? "during the stream" : err.status ? `HTTP ${err.status}` : "";
-  title.textContent = `Error${where ? ` (${where})` : ""}: ${err.type || err.name}`;
-  const message = document.createElement("p");
-  message.className = "error-message";
-  message.textContent = err.message;
-  ui.error.replaceChildren(title, message);
-  const fields = Object.entries(err.fields || {}).filter(([k, v]) => k !== "during_stream" && v != null);
-  if (fields.length) {
-    const list = document.createElement("dl");
-    for (const [k, v] of fields) {
-      const dt = document.createElement("dt");
-      dt.textContent = k;
-      const dd = document.createElement("dd");
-      dd.textContent = typeof v === "object" ? JSON.stringify(v) : String(v);
-      list.append(dt, dd);
-    }
-    ui.error.append(list);
-  }
+  renderError(ui.error, err);
   ui.error.hidden = false;
-  setStatus(state.generated.length ? `Failed after ${state.generated.length} tokens.` : "Failed.");
+  setStatus(gen.tokens.length ? `Failed after ${gen.tokens.length} tokens.` : "Failed.");
 }
-
-// -- the attention data --------------------------------------------------------------------------
-const positionCount = () => state.prompt.length + state.generated.length;
-
-function tokenAt(pos) {
-  const n = state.prompt.length;
-  return pos < n ? { ...state.prompt[pos], generated: false } : { ...state.generated[pos - n], generated: true };
-}
-
-/** The query row a position's attention is: its own for the prompt, the choosing one when generated. */
-const queryOf = (pos) => (pos < state.prompt.length ? pos : pos - 1);
-
-/** [head][key] of query q in `layer`, or null when the server sent no such row. */
-function headRows(q, layer) {
-  const n = state.prompt.length;
-  if (q < n - 1 || (q === n - 1 && !state.generated.length)) {
-    return state.promptAttention ? state.promptAttention[layer].map((rows) => rows[q]) : null;
-  }
-  const token = state.generated[q - n + 1];
-  return token && token.attention ? token.attention[layer] : null;
-}
-
-/** One head's row, or the mean over heads (computed here: the page asks for every head). */
-function pick(rows, head) {
-  if (head !== "mean") return rows[head];
-  return rows[0].map((_, k) => {
-    let sum = 0;
-    for (const row of rows) sum += row[k];
-    return sum / rows.length;
-  });
-}
-
-/** How many rows the matrix has: every position that was a query (all but the last token). */
-function matrixRows() {
-  if (!state.promptAttention) return 0;
-  return state.prompt.length + Math.max(0, state.generated.length - 1);
-}
-
-const rowOf = (layer, head) => (q) => pick(headRows(q, layer), head);
 
 // -- rendering -----------------------------------------------------------------------------------
-function addChip(pos, token, generated) {
+function addChip(pos, note = "") {
+  const token = gen.tokenAt(pos);
   const chip = document.createElement("button");
   chip.type = "button";
-  chip.className = generated ? "tok generated" : "tok prompt";
+  chip.className = token.generated ? "tok generated" : "tok prompt";
   chip.dataset.pos = String(pos);
   chip.setAttribute("aria-pressed", "false");
-  chip.title = `position ${pos} · id ${token.id} · ${tokenName(token.text)}`;
+  chip.title = `position ${pos} · id ${token.id} · ${tokenName(token.text)}${note}`;
   if (token.text === "") chip.setAttribute("aria-label", `position ${pos}, token ${token.id} with no text`);
   const index = document.createElement("span");
   index.className = "tok-pos";
@@ -221,23 +157,30 @@ function addChip(pos, token, generated) {
   ui.tokens.append(chip);
 }
 
+// While tokens stream in, redraw at most every RENDER_EVERY_MS: a long generation's matrix is
+// O(tokens²) to draw, and the chips already show each token the moment it arrives.
+const RENDER_EVERY_MS = 200;
+
 function scheduleRender() {
-  if (!state.frame) state.frame = requestAnimationFrame(() => {
-    state.frame = 0;
+  if (state.timer) return;
+  const wait = Math.max(0, state.lastRender + RENDER_EVERY_MS - performance.now());
+  state.timer = setTimeout(() => requestAnimationFrame(() => {
+    state.timer = 0;
     render();
-  });
+  }), wait);
 }
 
 function scaleMax(rows, layer, head) {
   if (!ui.stretch.checked || !rows) return 1;
   let max = 0;
-  const row = rowOf(layer, head);
+  const row = gen.rowOf(layer, head);
   for (let q = 0; q < rows; q++) for (const w of row(q)) max = Math.max(max, w);
   return max || 1;
 }
 
 function render() {
-  const rows = matrixRows();
+  state.lastRender = performance.now();
+  const rows = gen.rows;
   ui.attention.hidden = rows === 0;
   ui.empty.hidden = rows !== 0;
   for (const chip of ui.tokens.children) {
@@ -247,33 +190,52 @@ function render() {
   const { layer, head } = state;
   const max = scaleMax(rows, layer, head);
   renderLegend(ui.legend, max);
-  renderSelection(max);
-  const tokens = Array.from({ length: positionCount() }, (_, pos) => tokenAt(pos));
-  const selectedQuery = state.selected == null ? null : queryOf(state.selected);
-  renderMatrix(ui.matrix, { tokens, rows, rowOf: rowOf(layer, head), layer, head, scaleMax: max, selectedQuery });
+  const tokens = Array.from({ length: gen.size }, (_, pos) => gen.tokenAt(pos));
+  const selectedQuery = state.selected == null ? null : gen.queryOf(state.selected);
+  const rowOf = gen.rowOf(layer, head);
+  const asTable = rows <= TABLE_MAX_ROWS;
+  ui.matrix.hidden = !asTable;
+  ui.matrixCanvas.hidden = asTable;
+  if (asTable) {
+    renderMatrix(ui.matrix, { tokens, rows, rowOf, layer, head, scaleMax: max, selectedQuery });
+  } else {
+    ui.matrix.tBodies[0].replaceChildren();
+    ui.matrix.tHead?.replaceChildren();
+    const size = Math.max(1, Math.floor(640 / rows)) * rows;
+    ui.matrixCanvas.width = ui.matrixCanvas.height = size;
+    ui.matrixCanvas.style.width = ui.matrixCanvas.style.height = `${size}px`; // drawn by renderSelection
+  }
   renderHeads(rows, max);
+  renderSelection(max);
 }
 
 /** The heatmap and caption for the previewed (hovered) position, else the selected one. */
-function renderSelection(max = scaleMax(matrixRows(), state.layer, state.head)) {
+function renderSelection(max = scaleMax(gen.rows, state.layer, state.head)) {
   const pos = state.preview ?? state.selected;
-  if (pos == null || pos >= positionCount()) return;
-  const q = queryOf(pos);
-  const rows = headRows(q, state.layer);
+  const q = pos == null || pos >= gen.size ? null : gen.queryOf(pos);
+  for (const tr of ui.matrix.tBodies[0]?.rows || []) {
+    tr.classList.toggle("selected", Number(tr.dataset.query) === q);
+  }
+  if (!ui.matrixCanvas.hidden) {
+    drawPattern(ui.matrixCanvas, { rows: gen.rows, rowOf: gen.rowOf(state.layer, state.head), scaleMax: max,
+      selectedQuery: q });
+  }
+  if (q == null) return;
+  const rows = gen.headRows(q, state.layer);
   if (!rows) {
     ui.heatmap.replaceChildren();
     return;
   }
-  const token = tokenAt(pos);
-  const keys = Array.from({ length: q + 1 }, (_, k) => tokenAt(k));
-  renderHeatmap(ui.heatmap, { keys, weights: pick(rows, state.head), layer: state.layer, head: state.head,
+  const token = gen.tokenAt(pos);
+  const keys = Array.from({ length: q + 1 }, (_, k) => gen.tokenAt(k));
+  renderHeatmap(ui.heatmap, { keys, weights: pickHead(rows, state.head), layer: state.layer, head: state.head,
     query: q, scaleMax: max });
   ui.heatmap.dataset.pos = String(pos);
   ui.caption.replaceChildren(...(token.generated
-    ? ["Choosing ", chipOf(token), ` (position ${pos}): where the query at `, chipOf(tokenAt(q)),
+    ? ["Choosing ", chipOf(token), ` (position ${pos}): where the query at `, chipOf(gen.tokenAt(q)),
       ` (position ${q}) looked`]
     : ["Where ", chipOf(token), ` (position ${pos}) looks`]));
-  const headName = state.head === "mean" ? `mean of ${state.heads} heads` : `head ${state.head}`;
+  const headName = state.head === "mean" ? `mean of ${gen.heads} heads` : `head ${state.head}`;
   const detail = [`layer ${state.layer} · ${headName}`];
   if (token.generated && token.logprob != null) {
     detail.push(` · chosen with p = ${percent(token.logprob)}`);
@@ -282,9 +244,6 @@ function renderSelection(max = scaleMax(matrixRows(), state.layer, state.head)) 
     for (const t of others) detail.push(" ", chipOf(t), ` ${percent(t.logprob)}`);
   }
   ui.detail.replaceChildren(...detail);
-  for (const tr of ui.matrix.tBodies[0]?.rows || []) {
-    tr.classList.toggle("selected", Number(tr.dataset.query) === q);
-  }
 }
 
 const percent = (logprob) => `${(100 * Math.exp(logprob)).toFixed(1)}%`;
@@ -297,7 +256,7 @@ function chipOf(token) {
 }
 
 function renderHeads(rows, max) {
-  const choices = ["mean", ...Array.from({ length: state.heads }, (_, h) => h)];
+  const choices = ["mean", ...Array.from({ length: gen.heads }, (_, h) => h)];
   if (ui.heads.children.length !== choices.length) {
     ui.heads.replaceChildren(...choices.map((head) => {
       const button = document.createElement("button");
@@ -317,24 +276,24 @@ function renderHeads(rows, max) {
   for (const button of ui.heads.children) {
     const head = button.dataset.head === "mean" ? "mean" : Number(button.dataset.head);
     button.setAttribute("aria-pressed", String(head === state.head));
-    drawThumbnail(button.querySelector("canvas"), { rows, rowOf: rowOf(state.layer, head), scaleMax: max });
+    drawPattern(button.querySelector("canvas"), { rows, rowOf: gen.rowOf(state.layer, head), scaleMax: max,
+      background: "#ffffff" });
   }
 }
 
 function fillSelectors() {
-  const layer = Math.min(state.layer, state.layers - 1);
-  ui.layer.replaceChildren(...Array.from({ length: state.layers }, (_, l) => new Option(`layer ${l}`, String(l))));
-  ui.layer.value = String(Math.max(layer, 0));
-  state.layer = Math.max(layer, 0);
-  if (state.head !== "mean" && state.head >= state.heads) state.head = "mean";
+  state.layer = Math.max(0, Math.min(state.layer, gen.layers - 1));
+  ui.layer.replaceChildren(...Array.from({ length: gen.layers }, (_, l) => new Option(`layer ${l}`, String(l))));
+  ui.layer.value = String(state.layer);
+  if (state.head !== "mean" && state.head >= gen.heads) state.head = "mean";
   ui.head.replaceChildren(new Option("mean of heads", "mean"),
-    ...Array.from({ length: state.heads }, (_, h) => new Option(`head ${h}`, String(h))));
+    ...Array.from({ length: gen.heads }, (_, h) => new Option(`head ${h}`, String(h))));
   ui.head.value = String(state.head);
 }
 
 // -- interaction ---------------------------------------------------------------------------------
 function select(pos, { focus = false } = {}) {
-  if (pos == null || pos < 0 || pos >= positionCount()) return;
+  if (pos == null || pos < 0 || pos >= gen.size) return;
   state.selected = pos;
   state.chosenByUser = true;
   state.preview = null;
@@ -373,7 +332,7 @@ ui.tokens.addEventListener("keydown", (e) => {
   const chip = e.target.closest(".tok");
   if (!chip) return;
   const pos = Number(chip.dataset.pos);
-  const moves = { ArrowLeft: pos - 1, ArrowRight: pos + 1, Home: 0, End: positionCount() - 1 };
+  const moves = { ArrowLeft: pos - 1, ArrowRight: pos + 1, Home: 0, End: gen.size - 1 };
   if (e.key in moves) {
     e.preventDefault();
     select(moves[e.key], { focus: true });
@@ -382,7 +341,7 @@ ui.tokens.addEventListener("keydown", (e) => {
 ui.tokens.addEventListener("pointerover", (e) => {
   const chip = e.target.closest(".tok");
   const pos = chip ? Number(chip.dataset.pos) : null;
-  if (pos !== state.preview && matrixRows()) {
+  if (pos !== state.preview && gen.rows) {
     state.preview = pos;
     renderSelection();
   }
@@ -394,19 +353,39 @@ ui.tokens.addEventListener("pointerleave", () => {
   }
 });
 
-// A matrix row is a query: select the token it chose (generated) or the prompt token itself.
+// A matrix row is a query: clicking it selects the token it chose (generated) or the prompt token.
+const selectRow = (q) => select(gen.positionOfRow(q));
+
+function readout(q, k) {
+  const w = gen.rowOf(state.layer, state.head)(q)[k];
+  const name = (pos) => tokenName(gen.tokenAt(pos).text);
+  ui.readout.textContent = `query ${q} ${name(q)} → key ${k} ${name(k)}: ${w}`;
+}
+
 ui.matrix.addEventListener("click", (e) => {
   const tr = e.target.closest("tbody tr");
-  if (!tr) return;
-  const q = Number(tr.dataset.query);
-  select(q >= state.prompt.length - 1 && state.generated.length ? q + 1 : q);
+  if (tr) selectRow(Number(tr.dataset.query));
 });
 ui.matrix.addEventListener("pointerover", (e) => {
   const td = e.target.closest("td[data-weight]");
-  if (!td) return;
-  const { query, key, weight } = td.dataset;
-  ui.readout.textContent = `query ${query} ${tokenName(tokenAt(Number(query)).text)} → key ${key} `
-    + `${tokenName(tokenAt(Number(key)).text)}: ${weight}`;
+  if (td) readout(Number(td.dataset.query), Number(td.dataset.key));
+});
+
+/** The (query, key) under the pointer on the canvas matrix, or null above the diagonal. */
+function canvasCell(e) {
+  const rows = gen.rows;
+  const rect = ui.matrixCanvas.getBoundingClientRect();
+  const q = Math.floor(((e.clientY - rect.top) / rect.height) * rows);
+  const k = Math.floor(((e.clientX - rect.left) / rect.width) * rows);
+  return q >= 0 && q < rows && k >= 0 && k <= q ? { q, k } : null;
+}
+ui.matrixCanvas.addEventListener("click", (e) => {
+  const cell = canvasCell(e);
+  if (cell) selectRow(cell.q);
+});
+ui.matrixCanvas.addEventListener("pointermove", (e) => {
+  const cell = canvasCell(e);
+  if (cell) readout(cell.q, cell.k);
 });
 
 showSamplingFields();

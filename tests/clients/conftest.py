@@ -52,9 +52,9 @@ class Caller:
                 return list(stream), stream.completion
 
         async def collect():
-            async with AsyncClient(self.url, **self.client_kwargs) as client:
-                async with client.stream(prompt, **options) as stream:
-                    return [event async for event in stream], stream.completion
+            async with AsyncClient(self.url, **self.client_kwargs) as client, \
+                    client.stream(prompt, **options) as stream:
+                return [event async for event in stream], stream.completion
         return asyncio.run(collect())
 
 

@@ -94,7 +94,7 @@ def test_errors_carry_the_server_type_and_message(api):
     assert error.max_context == 512 and error.prompt_tokens > 512
     assert "the context holds at most 512" in error.message
 
-    with pytest.raises(BadRequestError, match="attention.layers must be indices") as info:
+    with pytest.raises(BadRequestError, match=r"attention\.layers must be indices") as info:
         api("generate", PROMPT, attention={"layers": [99]})
     assert (info.value.type, info.value.info.param) == ("invalid_request", "attention.layers")
 
@@ -195,3 +195,16 @@ def test_real_429_is_retried_after_retry_after(api_server):
         assert client.generate(PROMPT, max_tokens=4).text == ANSWER
         assert time.monotonic() - started >= 1.0
     assert statuses[0] == 429 and statuses[-1] == 200
+
+
+def test_until_done_and_awaiting_a_stream(api_server):
+    with Client(api_server.url, api_key=API_KEY) as client:
+        stream = client.stream(PROMPT)
+        assert isinstance(next(stream), StartEvent)
+        assert stream.until_done().text == ANSWER
+
+    async def run():
+        async with AsyncClient(api_server.url, api_key=API_KEY) as client:
+            stream = await client.stream(PROMPT)  # sent now: a refusal would raise here
+            return await stream.until_done()
+    assert asyncio.run(run()).text == ANSWER

@@ -67,18 +67,17 @@ def test_429_waits_for_retry_after(kind):
 
 
 def test_retries_run_out_into_the_mapped_error(kind):
-    with fake_server(error(429, "overloaded", "the server is at capacity", Retry_After="0")) as fake:
-        with pytest.raises(RateLimitError, match="the server is at capacity") as info:
-            call(kind, fake.url, "generate", "x")
+    busy = error(429, "overloaded", "the server is at capacity", Retry_After="0")
+    with fake_server(busy) as fake, pytest.raises(RateLimitError, match="the server is at capacity") as info:
+        call(kind, fake.url, "generate", "x")
     assert fake.attempts == FAST.max_retries + 1
     assert (info.value.status, info.value.type, info.value.retry_after) == (429, "overloaded", 0.0)
 
 
 @pytest.mark.parametrize("status", [500, 502, 504, 400, 401])
 def test_other_statuses_are_not_retried(kind, status):
-    with fake_server(error(status, "boom", "no"), reply(200, COMPLETION)) as fake:
-        with pytest.raises(Exception) as info:
-            call(kind, fake.url, "generate", "x")
+    with fake_server(error(status, "boom", "no"), reply(200, COMPLETION)) as fake, pytest.raises(Exception) as info:
+        call(kind, fake.url, "generate", "x")
     assert fake.attempts == 1
     assert (info.value.status, info.value.type, info.value.message) == (status, "boom", "no")
     assert isinstance(info.value, ServerError) == (status >= 500)
@@ -97,9 +96,8 @@ def test_nothing_listening(kind):
 
 
 def test_a_read_timeout_is_not_retried(kind):
-    with fake_server(sleep(1.0, reply(200, COMPLETION))) as fake:
-        with pytest.raises(APITimeoutError):
-            call(kind, fake.url, "generate", "x", timeout=Timeout(connect=1.0, read=0.3))
+    with fake_server(sleep(1.0, reply(200, COMPLETION))) as fake, pytest.raises(APITimeoutError):
+        call(kind, fake.url, "generate", "x", timeout=Timeout(connect=1.0, read=0.3))
     assert fake.attempts == 1
 
 
@@ -113,18 +111,18 @@ def test_a_stream_is_retried_until_it_starts(kind):
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["eof", "broken-chunk"])
 def test_a_started_stream_is_never_retried(kind, chunked):
-    with fake_server(ndjson(EVENTS[:2], chunked=chunked, cut=True), ndjson(EVENTS)) as fake:
-        with pytest.raises(StreamError) as info:
-            stream(kind, fake.url, "x")
+    cut_off = ndjson(EVENTS[:2], chunked=chunked, cut=True)
+    with fake_server(cut_off, ndjson(EVENTS)) as fake, pytest.raises(StreamError) as info:
+        stream(kind, fake.url, "x")
     assert fake.attempts == 1
     assert (info.value.status, info.value.type) == (200, "incomplete_stream")
 
 
 def test_an_error_event_raises_stream_error(kind):
     failed = {"type": "error", "error": {"type": "timeout", "message": "ran past the limit"}}
-    with fake_server(ndjson([EVENTS[0], EVENTS[1], failed])) as fake:
-        with pytest.raises(StreamError, match="ran past the limit") as info:
-            stream(kind, fake.url, "x")
+    script = ndjson([EVENTS[0], EVENTS[1], failed])
+    with fake_server(script) as fake, pytest.raises(StreamError, match="ran past the limit") as info:
+        stream(kind, fake.url, "x")
     assert info.value.type == "timeout" and fake.attempts == 1
 
 

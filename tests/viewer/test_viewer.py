@@ -21,6 +21,14 @@ from tests.serving import running_server
 pytestmark = pytest.mark.slow
 
 CHROMIUM = Path(os.environ.get("ATTNSERVE_CHROMIUM", "/usr/bin/chromium"))
+# Skipped at collection, so that no server starts for nothing.
+if not CHROMIUM.exists():
+    pytest.skip(f"no Chromium at {CHROMIUM}: install Debian's (apt-get install -y chromium) to run the "
+                "viewer's browser tests", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="Python Playwright is not installed "
+                               "(pip install -e '.[dev]')")
+expect = sync_api.expect
+
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run"]
 PROMPT = "two plus three equals"
@@ -31,14 +39,7 @@ TIMEOUT_MS = 20_000
 
 @pytest.fixture(scope="module")
 def browser():
-    if not CHROMIUM.exists():
-        pytest.skip(f"no Chromium at {CHROMIUM}: install Debian's (apt-get install -y chromium) "
-                    "to run the viewer's browser tests")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("Python Playwright is not installed (pip install -e '.[dev]')")
-    with sync_playwright() as p:
+    with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield browser
         browser.close()
@@ -65,13 +66,14 @@ def guarded(tmp_path_factory):
         yield srv
 
 
-def expect(locator):
-    from playwright.sync_api import expect as playwright_expect
-    return playwright_expect(locator)
-
-
 def visible(text: str) -> str:
     return text.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥") or "∅"
+
+
+def shown(token: dict) -> str:
+    """A generated token's chip: the text it added, else its own text from top_logprobs ("<|eos|>")."""
+    own = [t["text"] for t in token.get("top_logprobs", []) if t["id"] == token["id"]]
+    return visible(token["text"] or (own[0] if own else ""))
 
 
 def generate(page, prompt: str = PROMPT, *, max_tokens: int = 8, key: str | None = None) -> None:
@@ -109,7 +111,7 @@ def row(heads: list[list[float]], head) -> list[float]:
 
 def test_generate_select_token_and_layer_head(server, page, tmp_path):
     reference = requests.post(server.url + "/v1/generate", timeout=30, json={
-        "prompt": PROMPT, "max_tokens": 8, "attention": ATTENTION}).json()
+        "prompt": PROMPT, "max_tokens": 8, "logprobs": 5, "attention": ATTENTION}).json()
     prompt, tokens = reference["prompt_tokens"], reference["tokens"]
     n, layers, heads = len(prompt), len(reference["prompt_attention"]), len(reference["prompt_attention"][0])
     assert reference["text"] == " five"
@@ -120,7 +122,8 @@ def test_generate_select_token_and_layer_head(server, page, tmp_path):
 
     # The tokens as they came, spaces visible.
     chips = page.locator("#tokens .tok")
-    assert chips.locator(".tok-text").all_inner_texts() == [visible(t["text"]) for t in prompt + tokens]
+    assert chips.locator(".tok-text").all_inner_texts() == [visible(t["text"]) for t in prompt] + [
+        shown(t) for t in tokens]
     assert page.locator("#tokens .tok.generated .tok-text").first.inner_text() == "␣five"
 
     # Select " five" and a layer / head: the heatmap is that token's row, as the API returns it.
