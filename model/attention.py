@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.config import ModelConfig
-from model.kv_cache import KVCache, Slots
+from model.kv_cache import CacheIndex, KVCache
 from model.rope import apply_rope
 
 
@@ -74,20 +74,21 @@ class Attention(nn.Module):
         return {"q_proj.weight": q, "k_proj.weight": k, "v_proj.weight": v, "o_proj.weight": self.o_proj.weight}
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, *, mask: Tensor | None = None,
-                cache: KVCache | None = None, slots: Slots | None = None,
-                positions: Tensor | None = None, kv_len: int = 0,
+                cache: KVCache | None = None, at: CacheIndex | None = None,
                 need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
-        """x (B, T, C), cos/sin (B, T, 1, hs) → (B, T, C), plus the weights (B, nh, T, S) if asked for."""
+        """x (B, T, C), cos/sin (B, T, 1, hs) → (B, T, C), plus the weights (B, nh, T, S) if asked for.
+        With a cache, this call's keys and values are stored `at` their slots and positions first."""
         B, T, _ = x.shape
         nh, nkv, hs = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = F.linear(x, self.qkv_proj.weight).view(B, T, nh + 2 * nkv, hs)  # (B, T, nh+2nkv, hs)
-        qk = apply_rope(qkv[:, :, : nh + nkv], cos, sin)       # (B, T, nh+nkv, hs): q and k heads rotated together
-        q, k, v = qk[:, :, :nh], qk[:, :, nh:], qkv[:, :, nh + nkv:]  # (B, T, nh | nkv | nkv, hs)
+        qk = qkv[:, :, : nh + nkv]                              # (B, T, nh+nkv, hs): q and k heads,
+        qk.copy_(apply_rope(qk, cos, sin))                      # rotated together, in place
+        q = qkv[:, :, :nh].transpose(1, 2)                      # (B, nh, T, hs)
+        kv = qkv[:, :, nh:]                                     # (B, T, 2·nkv, hs): keys, then values
         if cache is not None:
-            k, v = cache.update(self.layer, slots, positions, k, v, kv_len)  # (B, nkv, S, hs)
+            k, v = cache.update(self.layer, at, kv)             # (B, nkv, S, hs) each
         else:
-            k, v = k.transpose(1, 2), v.transpose(1, 2)         # (B, nkv, T, hs)
-        q = q.transpose(1, 2)                                   # (B, nh, T, hs)
+            k, v = kv.transpose(1, 2).split(nkv, dim=1)         # (B, nkv, T, hs) each
         if need_weights:
             out, weights = explicit_attention(q, k, v, mask)
         else:

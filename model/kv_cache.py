@@ -1,17 +1,32 @@
 """A static, pre-allocated key/value cache with batch slots.
 
 Each layer keeps keys and values for `max_batch` independent sequences ("slots"), each up to
-`max_context` positions: (max_batch, n_kv_heads, max_context, head_dim). A continuous-batching
-engine prefills a prompt into one slot and then decodes one token for many slots at once, each
-slot at its own position. Nothing is allocated after construction.
+`max_context` positions. A continuous-batching engine prefills a prompt into one slot and then
+decodes one token for many slots at once, each slot at its own position. Nothing is allocated
+after construction.
+
+Layout, per layer: (max_batch, 2, nkv, max_context, hs), keys at [:, 0] and values at [:, 1], so
+one indexed write stores a step's keys and values together and one slice reads both back.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 Slots = slice | Tensor  # a contiguous range of slots (a view) or a LongTensor of slot indices (B,)
+
+
+@dataclass(frozen=True)
+class CacheIndex:
+    """Where one forward call writes and what it reads back: worked out once, used by every layer."""
+
+    slots: Slots        # the B rows' slots
+    rows: Tensor        # (B, 1) slot numbers, broadcast against positions
+    positions: Tensor   # (B, T) positions the new keys/values go to
+    kv_len: int         # every row reads back its slot's positions 0 … kv_len-1
 
 
 class KVCache(nn.Module):
@@ -20,30 +35,36 @@ class KVCache(nn.Module):
                  device: torch.device | str | None = None):
         super().__init__()
         self.max_batch, self.max_context = max_batch, max_context
-        shape = (n_layers, max_batch, n_kv_heads, max_context, head_dim)
+        shape = (n_layers, max_batch, 2, n_kv_heads, max_context, head_dim)
         # persistent=False: a cache is working memory, never part of a checkpoint.
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("kv", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         # Slot numbers as a column, so a slice of slots becomes row indices without an arange.
         self.register_buffer("_slot_ids", torch.arange(max_batch, device=device)[:, None], persistent=False)
+        self._layers = self.kv.unbind(0)
 
-    def update(self, layer: int, slots: Slots, positions: Tensor, k: Tensor, v: Tensor,
-               kv_len: int) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, T, nkv, hs) at `positions` (B, T) of `slots`; return the slots' cached
-        keys and values for positions 0 … kv_len-1, each (B, nkv, kv_len, hs)."""
-        k_layer, v_layer = self.k[layer], self.v[layer]             # (max_batch, nkv, C, hs)
-        rows = self._slot_ids[slots] if isinstance(slots, slice) else slots[:, None]  # (B, 1)
-        # Advanced indices on dims 0 and 2 put the broadcast (B, T) first: (B, T, nkv, hs).
-        k_layer[rows, :, positions] = k
-        v_layer[rows, :, positions] = v
+    def _apply(self, fn, recurse=True):  # .to() / .cuda() / .half() replace the buffer: re-take the views
+        super()._apply(fn, recurse)
+        self._layers = self.kv.unbind(0)
+        return self
+
+    def index(self, slots: Slots, positions: Tensor, kv_len: int) -> CacheIndex:
+        rows = self._slot_ids[slots] if isinstance(slots, slice) else slots[:, None]
+        return CacheIndex(slots, rows, positions, kv_len)
+
+    def update(self, layer: int, at: CacheIndex, kv: Tensor) -> tuple[Tensor, Tensor]:
+        """Write kv (B, T, 2·nkv, hs), the new keys then values, at `at.positions` of `at.slots`;
+        return the slots' cached keys and values for positions 0 … kv_len-1, each (B, nkv, S, hs)."""
+        cache = self._layers[layer]                                  # (max_batch, 2, nkv, C, hs)
+        B, T = at.positions.shape
+        # Advanced indices on dims 0 and 3 put the broadcast (B, T) first: (B, T, 2, nkv, hs).
+        cache[at.rows, :, :, at.positions] = kv.view(B, T, 2, -1, kv.shape[-1])
         # A slice of slots is a view (no copy); an index tensor gathers its rows.
-        return k_layer[slots, :, :kv_len], v_layer[slots, :, :kv_len]
+        return cache[at.slots, :, :, : at.kv_len].unbind(1)          # 2 × (B, nkv, S, hs)
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` positions of slot `src` to slot `dst` (all layers)."""
-        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
-        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+        self.kv[:, dst, :, :, :length] = self.kv[:, src, :, :, :length]
 
     @property
     def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
+        return self.kv.numel() * self.kv.element_size()

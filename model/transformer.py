@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from model.attention import Attention
 from model.config import ModelConfig
-from model.kv_cache import KVCache, Slots
+from model.kv_cache import CacheIndex, KVCache, Slots
 from model.rope import rope_tables
 
 
@@ -66,10 +66,9 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None,
-                slots: Slots | None, positions: Tensor, kv_len: int,
-                need_weights: bool) -> tuple[Tensor, Tensor | None]:
-        h, weights = self.self_attn(self.input_layernorm(x), cos, sin, mask=mask, cache=cache, slots=slots,
-                                    positions=positions, kv_len=kv_len, need_weights=need_weights)
+                at: CacheIndex | None, need_weights: bool) -> tuple[Tensor, Tensor | None]:
+        h, weights = self.self_attn(self.input_layernorm(x), cos, sin, mask=mask, cache=cache, at=at,
+                                    need_weights=need_weights)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, weights
@@ -147,7 +146,7 @@ class Transformer(nn.Module):
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         cos = self.rope_cos[positions].unsqueeze(2)               # (B, T, 1, hs): one row per token,
         sin = self.rope_sin[positions].unsqueeze(2)               # broadcast over the heads
-        kv_len, mask = 0, None
+        at, mask = None, None
         if cache is not None:
             kv_len = int(positions.max()) + 1
             if kv_len > cache.max_context:
@@ -157,10 +156,11 @@ class Transformer(nn.Module):
             if not (T == kv_len or (B == 1 and T == 1)):
                 keys = torch.arange(kv_len, device=tokens.device)
                 mask = (keys <= positions.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, S): causal per row
+            at = cache.index(slots, positions, kv_len)
         x = self.embed_tokens(tokens)                             # (B, T, C)
         attentions = {}
         for i, block in enumerate(self.layers):
-            x, weights = block(x, cos, sin, mask, cache, slots, positions, kv_len, i in attn_layers)
+            x, weights = block(x, cos, sin, mask, cache, at, i in attn_layers)
             if weights is not None:
                 attentions[i] = weights
         if last_only:

@@ -8,6 +8,7 @@ a real status before a stream starts); they hand requests to LitServe's worker q
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import math
@@ -177,6 +178,10 @@ def add_routes(app: FastAPI, service: Service, auth, metrics: prom.Metrics) -> N
         metrics.error("validation")
         return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
 
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, exc: ClientGone) -> Response:
+        return Response(status_code=499)        # nobody is listening (nginx's "client closed request")
+
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         metrics.error(exc.body["error"]["type"])
@@ -185,19 +190,19 @@ def add_routes(app: FastAPI, service: Service, auth, metrics: prom.Metrics) -> N
     @app.post("/v1/generate", response_model=GenerateResponse, dependencies=guarded, responses=ERRORS | {
         200: {"content": {NDJSON: {"schema": {"$ref": "#/components/schemas/StreamEvent"}}},
               "description": "One JSON object, or NDJSON events when stream is true."}})
-    async def generate(body: GenerateRequest):
+    async def generate(body: GenerateRequest, request: Request):
         payload = service.payload(service.encode(body.prompt), max_tokens=body.max_tokens,
                                   sampling=body.sampling_params(), seed=body.seed, stop=body.stop,
                                   logprobs=body.logprobs, ignore_eos=body.ignore_eos, attention=body.attention)
         stream = await service.dispatcher.open(payload)
         if body.stream:
             return StreamingResponse(_ndjson(stream), media_type=NDJSON)
-        events = [e async for e in stream]
+        events = await _collect(stream, request)
         if events[-1]["type"] == "error":
             return _error_response(events[-1])
         return JSONResponse(native.collect(events))
 
-    async def openai_route(body: CompletionRequest | ChatCompletionRequest, kind: str):
+    async def openai_route(body: CompletionRequest | ChatCompletionRequest, request: Request, kind: str):
         if kind == "chat":
             messages = [{"role": m.role, "content": m.content} for m in body.messages]
             prompt_ids = service.encode(service.chat_template.render(messages),
@@ -214,7 +219,7 @@ def add_routes(app: FastAPI, service: Service, auth, metrics: prom.Metrics) -> N
         stream = await service.dispatcher.open(payload)
         if body.stream:
             return StreamingResponse(_sse(stream, formatter), media_type=SSE)
-        events = [e async for e in stream]
+        events = await _collect(stream, request)
         if events[-1]["type"] == "error":
             return _error_response(events[-1])
         return JSONResponse(formatter.response(events))
@@ -222,15 +227,15 @@ def add_routes(app: FastAPI, service: Service, auth, metrics: prom.Metrics) -> N
     @app.post("/v1/completions", response_model=CompletionResponse, dependencies=guarded, responses=ERRORS | {
         200: {"content": {SSE: {"schema": {"$ref": "#/components/schemas/CompletionChunk"}}},
               "description": "One completion, or server-sent chunks ending `data: [DONE]` when stream is true."}})
-    async def completions(body: CompletionRequest):
-        return await openai_route(body, "completion")
+    async def completions(body: CompletionRequest, request: Request):
+        return await openai_route(body, request, "completion")
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, dependencies=guarded,
               responses=ERRORS | {200: {
                   "content": {SSE: {"schema": {"$ref": "#/components/schemas/ChatCompletionChunk"}}},
                   "description": "One chat completion, or server-sent chunks."}})
-    async def chat_completions(body: ChatCompletionRequest):
-        return await openai_route(body, "chat")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        return await openai_route(body, request, "chat")
 
     @app.get("/v1/models", response_model=ModelList, dependencies=guarded)
     async def models() -> ModelList:
@@ -265,6 +270,30 @@ def add_routes(app: FastAPI, service: Service, auth, metrics: prom.Metrics) -> N
     app.mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static")  # the viewer's CSS/JS
 
     _document_stream_events(app)
+
+
+class ClientGone(Exception):
+    """The client of a non-streaming request disconnected (the worker counts the cancellation)."""
+
+
+async def _collect(stream: EventStream, request: Request) -> list[dict]:
+    """All events of a non-streaming request; if the client goes away first, cancel it."""
+    async def gather() -> list[dict]:
+        return [e async for e in stream]
+
+    async def client_gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    collector, watcher = asyncio.create_task(gather()), asyncio.create_task(client_gone())
+    done, _ = await asyncio.wait({collector, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    if collector in done:
+        watcher.cancel()
+        return collector.result()
+    collector.cancel()
+    await asyncio.wait({collector})
+    await stream.aclose()                       # cancels the request in its worker
+    raise ClientGone
 
 
 async def _ndjson(stream: EventStream):

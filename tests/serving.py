@@ -59,7 +59,8 @@ def running_server(tmp_dir: Path, *args: str, env: dict | None = None, ready_tim
     """Run `python -m server --port <free> *args` in its own process group until the block ends."""
     port = free_port()
     log = Path(tmp_dir) / f"server-{port}.log"
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1",
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("ATTNSERVE_")}  # only what we pass
+    full_env = {**inherited, "PYTHONUNBUFFERED": "1",
                 "ATTNSERVE_METRICS_DIR": str(Path(tmp_dir) / f"metrics-{port}"), **(env or {})}
     cmd = [sys.executable, "-m", "server", "--port", str(port), "--threads", "1", *args]
     with open(log, "wb") as out:

@@ -175,15 +175,19 @@ def test_generate_select_token_and_layer_head(server, page, tmp_path):
 
 
 def test_api_key_field_and_401(guarded, page, tmp_path):
+    refused = requests.post(guarded.url + "/v1/generate", timeout=30, headers={"Authorization": "Bearer nope"},
+                            json={"prompt": PROMPT, "stream": True})
+    assert refused.status_code == 401
+    error = refused.json()["error"]
+
     page.goto(guarded.url + "/")
     expect(page.locator("#api-key")).to_have_attribute("type", "password")
     for key in ("", "not-the-key"):
         generate(page, key=key)
-        error = page.locator("#error")
-        expect(error).to_be_visible(timeout=TIMEOUT_MS)
-        expect(error).to_contain_text("HTTP 401")
-        expect(error).to_contain_text("unauthorized")
-        expect(error).to_contain_text("a valid API key is required")
+        shown_error = page.locator("#error")
+        expect(shown_error).to_be_visible(timeout=TIMEOUT_MS)
+        expect(shown_error).to_contain_text(f"HTTP 401): {error['type']}")
+        expect(shown_error.locator(".error-message")).to_have_text(error["message"])
         assert page.locator("#tokens .tok").count() == 0
 
     generate(page, key=KEY)
