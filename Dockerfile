@@ -13,15 +13,23 @@
 
 ARG PYTHON_IMAGE=python:3.11-slim
 
+# The project's sources, gathered in an empty stage (cheap steps) and copied on in one layer.
+FROM scratch AS src
+COPY pyproject.toml README.md /
+COPY model/ /model/
+COPY server/ /server/
+COPY clients/ /clients/
+COPY checkpoints/calculator/ /checkpoints/calculator/
+
 FROM ${PYTHON_IMAGE} AS build
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PIP_ROOT_USER_ACTION=ignore
 COPY wheels/ /wheels/
-COPY pyproject.toml /src/
+COPY pyproject.toml /tmp/
 # Dependencies first (from pyproject.toml alone), so that a source change rebuilds only the layers below.
 RUN set -eu; \
     python -m venv /opt/venv; \
-    python -c 'import tomllib; p = tomllib.load(open("/src/pyproject.toml", "rb")); \
+    python -c 'import tomllib; p = tomllib.load(open("/tmp/pyproject.toml", "rb")); \
 print("\n".join(p["project"]["dependencies"] + p["build-system"]["requires"]))' > /tmp/requirements.txt; \
     pip=/opt/venv/bin/pip; \
     if ls /wheels/*.whl >/dev/null 2>&1 && $pip install -q --no-index --find-links /wheels -r /tmp/requirements.txt; then \
@@ -36,21 +44,19 @@ print("\n".join(p["project"]["dependencies"] + p["build-system"]["requires"]))' 
     rm -rf "$site"/torch/test "$site"/torch/include "$site"/torch/share/cmake \
            "$site"/torch/bin/test_* "$site"/torch/bin/*Test "$site"/torch/lib/lib*_test.so \
            "$site"/torch/lib/libaoti_custom_ops.so "$site"/torch/lib/libbackend_with_compiler.so
-COPY README.md /src/
-COPY model/ /src/model/
-COPY server/ /src/server/
-COPY clients/ /src/clients/
-COPY checkpoints/calculator/ /app/checkpoints/calculator/
-# Non-editable install; the checkpoint is readable by the (non-root) server but owned by root.
-RUN /opt/venv/bin/pip install -q --no-index --find-links /wheels --no-deps /src \
-    && /opt/venv/bin/pip uninstall -q -y pip setuptools \
-    && chmod -R a+rX,go-w /app
+COPY --from=src / /src/
+# Non-editable install. The checkpoint is readable by the (non-root) server but owned by root.
+RUN set -eu; \
+    /opt/venv/bin/pip install -q --no-index --find-links /wheels --no-deps /src; \
+    /opt/venv/bin/pip uninstall -q -y pip setuptools; \
+    mkdir -p /app/checkpoints; \
+    cp -r /src/checkpoints/calculator /app/checkpoints/; \
+    chmod -R a+rX,go-w /app
 
 FROM ${PYTHON_IMAGE}
+# Metadata first and the large copies last: with vfs every step copies the whole file system so far.
 RUN groupadd --system --gid 10001 attnserve \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin attnserve
-COPY --from=build /opt/venv /opt/venv
-COPY --from=build /app /app
 # ATTNSERVE_CHECKPOINT is explicit: the package is installed into site-packages, where the default
 # (checkpoints/ next to the source tree) does not exist. Mount another checkpoint (e.g. at /models)
 # and point ATTNSERVE_CHECKPOINT at it to serve it. The metrics dir holds prometheus_client's
@@ -63,7 +69,6 @@ ENV PATH=/opt/venv/bin:$PATH \
     ATTNSERVE_CHECKPOINT=/app/checkpoints/calculator \
     ATTNSERVE_METRICS_DIR=/tmp/attnserve-metrics
 WORKDIR /app
-USER 10001:10001
 EXPOSE 8000
 # SIGINT is LitServe's own clean shutdown (workers and API servers included). The server handles
 # SIGTERM the same way (Kubernetes sends SIGTERM whatever the image says).
@@ -72,3 +77,6 @@ STOPSIGNAL SIGINT
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/health' % os.environ.get('ATTNSERVE_PORT', '8000'), timeout=4)"]
 ENTRYPOINT ["attnserve"]
+USER 10001:10001
+COPY --from=build /app /app
+COPY --from=build /opt/venv /opt/venv

@@ -18,9 +18,12 @@ from pathlib import Path
 import litserve as ls
 from fastapi import Depends, FastAPI, Request
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from litserve.utils import WorkerSetupStatus
+from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from model.config import ModelConfig
@@ -50,8 +53,11 @@ from server.settings import Settings
 from server.worker import INTERNAL_PATH, EngineAPI
 
 STATIC = Path(__file__).parent / "static"
-ERRORS = {400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 429: {"model": ErrorResponse}}
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 413, 429)}
 NDJSON, SSE = "application/x-ndjson", "text/event-stream"
+# HTTPExceptions raised before our code runs (FastAPI: a body that does not parse; LitServe: a body
+# over max_payload_size), answered with API.md's error body like every other refusal.
+HTTP_ERROR_TYPES = {400: "invalid_request", 413: "payload_too_large"}
 
 
 class Service:
@@ -157,18 +163,26 @@ def build_server(settings: Settings) -> ls.LitServer:
                           timeout=False, max_payload_size=settings.max_body_bytes, middlewares=middlewares,
                           restart_workers=True)
     app = server.app
-    # LitServe's route to the LitAPI is internal (Dispatcher calls its handler); "/" is the viewer.
-    app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) not in (INTERNAL_PATH, "/")]
+    # LitServe's route to the LitAPI is internal (Dispatcher calls its handler); "/" is the viewer;
+    # "/health" is ours (LitServe's answers without a Content-Type).
+    app.router.routes = [r for r in app.router.routes
+                         if getattr(r, "path", None) not in (INTERNAL_PATH, "/", "/health")]
     metrics = prom.Metrics(service.model_name, service.max_context)
     capacity = settings.workers * settings.max_batch + settings.max_queue
     service.dispatcher = Dispatcher(server, api, admission=Admission(spawn.Value("i", 0), capacity),
                                     cancel_writers=list(writers), metrics=metrics,
                                     max_request_seconds=settings.max_request_seconds)
-    add_routes(app, service, authorization(settings), metrics)
+    add_routes(app, service, authorization(settings), metrics, ready=lambda: _workers_ready(server))
     return server
 
 
-def add_routes(app: FastAPI, service: Service, auth, metrics: prom.Metrics) -> None:
+def _workers_ready(server: ls.LitServer) -> bool:
+    """LitServe's readiness: every inference worker has finished setup() (again, after a restart)."""
+    status = server.workers_setup_status
+    return bool(status) and all(v == WorkerSetupStatus.READY for v in status.values())
+
+
+def add_routes(app: FastAPI, service: Service, auth, metrics: prom.Metrics, *, ready) -> None:
     guarded = [Depends(auth)]
 
     @app.exception_handler(RequestValidationError)
@@ -186,6 +200,13 @@ def add_routes(app: FastAPI, service: Service, auth, metrics: prom.Metrics) -> N
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         metrics.error(exc.body["error"]["type"])
         return JSONResponse(exc.body, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        if exc.status_code not in HTTP_ERROR_TYPES:
+            return await http_exception_handler(request, exc)      # 404, 405, …: FastAPI's own
+        error = ApiError(exc.status_code, HTTP_ERROR_TYPES[exc.status_code], str(exc.detail), headers=exc.headers)
+        return await api_error(request, error)
 
     @app.post("/v1/generate", response_model=GenerateResponse, dependencies=guarded, responses=ERRORS | {
         200: {"content": {NDJSON: {"schema": {"$ref": "#/components/schemas/StreamEvent"}}},
@@ -225,15 +246,15 @@ def add_routes(app: FastAPI, service: Service, auth, metrics: prom.Metrics) -> N
         return JSONResponse(formatter.response(events))
 
     @app.post("/v1/completions", response_model=CompletionResponse, dependencies=guarded, responses=ERRORS | {
-        200: {"content": {SSE: {"schema": {"$ref": "#/components/schemas/CompletionChunk"}}},
+        200: {"content": {SSE: _sse_event("CompletionChunk")},
               "description": "One completion, or server-sent chunks ending `data: [DONE]` when stream is true."}})
     async def completions(body: CompletionRequest, request: Request):
         return await openai_route(body, request, "completion")
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, dependencies=guarded,
               responses=ERRORS | {200: {
-                  "content": {SSE: {"schema": {"$ref": "#/components/schemas/ChatCompletionChunk"}}},
-                  "description": "One chat completion, or server-sent chunks."}})
+                  "content": {SSE: _sse_event("ChatCompletionChunk")},
+                  "description": "One chat completion, or server-sent chunks ending `data: [DONE]`."}})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         return await openai_route(body, request, "chat")
 
@@ -254,6 +275,15 @@ def add_routes(app: FastAPI, service: Service, auth, metrics: prom.Metrics) -> N
             raise ApiError(400, "invalid_request", f"ids must be below the vocabulary size {vocab}, got {bad}",
                            param="ids")
         return DetokenizeResponse(text=service.tokenizer.decode(body.ids))
+
+    @app.get("/health", response_class=PlainTextResponse, responses={
+        200: {"description": "`ok`: the model is loaded and every worker is ready."},
+        503: {"content": {"text/plain": {}}, "description": "`not ready`: starting, or a worker is restarting."}})
+    async def health() -> PlainTextResponse:
+        """Readiness; never needs an API key (for load balancers and container health checks)."""
+        if ready():
+            return PlainTextResponse("ok")
+        return PlainTextResponse("not ready", status_code=503)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics_endpoint() -> Response:
@@ -324,6 +354,15 @@ def _json_safe(value):
     if isinstance(value, list | tuple):
         return [_json_safe(v) for v in value]
     return value
+
+
+def _sse_event(chunk: str) -> dict:
+    """A text/event-stream media type: in OpenAPI 3.1 its schema describes one event (as 3.2's
+    itemSchema does), whose data is a `chunk` as JSON, or `[DONE]` in the last event."""
+    data = {"type": "string", "contentMediaType": "application/json",
+            "contentSchema": {"$ref": f"#/components/schemas/{chunk}"},
+            "description": f"A {chunk} as JSON; `[DONE]` in the last event."}
+    return {"schema": {"type": "object", "properties": {"data": data}, "required": ["data"]}}
 
 
 def _error_response(event: dict) -> JSONResponse:

@@ -75,6 +75,9 @@ class Metrics:
         self.kv_usage = Gauge("attnserve_kv_cache_usage_ratio",
                               "Fraction of KV-cache positions in use (the fullest worker's).", LABELS,
                               multiprocess_mode="livemax", registry=None).labels(model_name)
+        self.decode_batch = Histogram("attnserve_decode_batch_size",
+                                      "Requests decoded together in one engine step (continuous batching).",
+                                      LABELS, buckets=buckets_1_2_5(256), registry=None).labels(model_name)
         self.model_name = model_name
 
     def success(self, finish_reason: str) -> None:

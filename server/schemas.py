@@ -52,6 +52,7 @@ MAX_COMPLETION_LOGPROBS = 5  # /v1/completions logprobs, as OpenAI
 MIN_TEMPERATURE = 1e-6  # "> 0", but far enough from 0 that logits / t stays finite in float32
 MAX_TEMPERATURE = 100.0
 OPENAI_MAX_TEMPERATURE = 2.0
+MIN_TOP_P = 1e-30  # a "> 0" top_p below this is raised to it (see sampling_params_dict)
 MAX_TOP_K = 2**31 - 1  # k >= vocabulary size keeps every token
 MIN_REPETITION_PENALTY = 1e-3  # "> 0", but logits / r must stay finite in float32
 MAX_REPETITION_PENALTY = 10.0  # 1.0 is off; 2 already all but forbids repeats
@@ -277,6 +278,10 @@ class GenerateRequest(_Request):
 def sampling_params_dict(strategy: dict[str, Any], penalties: Any) -> dict[str, Any]:
     """The SamplingParams contract: all seven keys, k / p None where the strategy ignores them,
     temperature 1.0 for greedy."""
+    if strategy["strategy"] == "top_p":
+        # The engine samples in float32, where a p as small as 1e-46 is 0 and keeps no token. Any
+        # p below the top token's probability keeps just that token, so raising it changes nothing.
+        strategy = strategy | {"p": max(strategy["p"], MIN_TOP_P)}
     return {**strategy, "repetition_penalty": penalties.repetition_penalty,
             "frequency_penalty": penalties.frequency_penalty,
             "presence_penalty": penalties.presence_penalty}
@@ -600,7 +605,8 @@ def _join_parts(value: Any) -> Any:
     if value is None:
         return ""
     if isinstance(value, list):
-        kinds = sorted({p.get("type") for p in value if isinstance(p, dict)} - {"text"}, key=str)
+        # str(): a type may be any JSON value, and a dict or list one is not hashable
+        kinds = sorted({str(p.get("type")) for p in value if isinstance(p, dict)} - {"text"})
         if kinds:
             raise ValueError(f"only text content parts are supported, got {kinds}")
         return "\n".join(part.text for part in _TEXT_PARTS.validate_python(value))

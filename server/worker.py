@@ -187,6 +187,8 @@ class EngineRunner:
         while True:
             if not engine.wait_for_work(timeout=1.0):
                 continue
+            if batch := engine.num_running:       # the requests this step decodes together
+                self.metrics.decode_batch.observe(batch)
             try:
                 handles = engine.step()
             except Exception as e:  # a bug or an out-of-memory: fail these requests, keep serving

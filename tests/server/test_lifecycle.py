@@ -127,3 +127,22 @@ def test_non_streaming_request_is_cancelled_when_the_client_leaves(tmp_path):
         assert requests.post(srv.url + "/v1/generate", json={"prompt": "two plus two equals"}, timeout=10).json()[
             "text"] == " four"
         assert value(scrape(srv.url), "attnserve_request_errors_total", type="cancelled") == 1
+
+
+def test_all_three_endpoints_share_one_batched_decode_step(tmp_path):
+    """Streams of /v1/generate, /v1/completions and /v1/chat/completions run in one engine."""
+    with running_server(tmp_path, "--max-batch", "8") as srv:
+        long = {"max_tokens": 300, "ignore_eos": True, "stream": True}
+        streams = [
+            requests.post(srv.url + "/v1/generate", json={"prompt": "two", **long}, stream=True, timeout=30),
+            requests.post(srv.url + "/v1/completions", json={"prompt": "two", **long}, stream=True, timeout=30),
+            requests.post(srv.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "two"}],
+                                                                  **long}, stream=True, timeout=30)]
+        for s in streams:
+            assert s.status_code == 200
+            for _ in s.iter_lines():
+                pass
+        m = scrape(srv.url)
+        steps = value(m, "attnserve_decode_batch_size_count")
+        with_three = steps - value(m, "attnserve_decode_batch_size_bucket", le="2.0")
+        assert with_three >= 100, (steps, with_three)         # most of the 3 × 300 tokens came 3 at a time
