@@ -13,6 +13,7 @@ import hmac
 import json
 import math
 import multiprocessing as mp
+from collections.abc import Coroutine
 from pathlib import Path
 
 import litserve as ls
@@ -215,7 +216,8 @@ def add_routes(app: FastAPI, service: Service, auth, metrics: prom.Metrics, *, r
         payload = service.payload(service.encode(body.prompt), max_tokens=body.max_tokens,
                                   sampling=body.sampling_params(), seed=body.seed, stop=body.stop,
                                   logprobs=body.logprobs, ignore_eos=body.ignore_eos, attention=body.attention)
-        stream = await service.dispatcher.open(payload)
+        # A client that leaves while its request waits for a slot must not keep its place.
+        stream = await _unless_client_leaves(service.dispatcher.open(payload), request)
         if body.stream:
             return StreamingResponse(_ndjson(stream), media_type=NDJSON)
         events = await _collect(stream, request)
@@ -237,7 +239,7 @@ def add_routes(app: FastAPI, service: Service, auth, metrics: prom.Metrics, *, r
                                   ignore_eos=body.ignore_eos, attention=body.attention)
         formatter = OpenAIFormatter(kind, service.model_name, include_usage=body.include_usage,
                                     logprobs=logprobs, attention=body.attention is not None)
-        stream = await service.dispatcher.open(payload)
+        stream = await _unless_client_leaves(service.dispatcher.open(payload), request)
         if body.stream:
             return StreamingResponse(_sse(stream, formatter), media_type=SSE)
         events = await _collect(stream, request)
@@ -311,18 +313,25 @@ async def _collect(stream: EventStream, request: Request) -> list[dict]:
     async def gather() -> list[dict]:
         return [e async for e in stream]
 
+    try:
+        return await _unless_client_leaves(gather(), request)
+    finally:
+        await stream.aclose()                   # a no-op if it finished; else cancels it in its worker
+
+
+async def _unless_client_leaves(work: Coroutine, request: Request):
+    """`work`'s result; or, if the client disconnects first, `work` cancelled and ClientGone."""
     async def client_gone() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
-    collector, watcher = asyncio.create_task(gather()), asyncio.create_task(client_gone())
-    done, _ = await asyncio.wait({collector, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    if collector in done:
-        watcher.cancel()
-        return collector.result()
-    collector.cancel()
-    await asyncio.wait({collector})
-    await stream.aclose()                       # cancels the request in its worker
+    task, watcher = asyncio.create_task(work), asyncio.create_task(client_gone())
+    done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    await asyncio.wait({task})
     raise ClientGone
 
 
@@ -346,11 +355,14 @@ async def _sse(stream: EventStream, formatter: OpenAIFormatter):
 
 
 def _json_safe(value):
-    """Non-finite floats (not valid JSON) → their string form, recursively."""
+    """Non-finite floats (not valid JSON) → their string form; lone surrogates (a JSON string may
+    escape one, "\\ud800", but UTF-8 cannot encode it) → backslash escapes; recursively."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode()
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {_json_safe(k): _json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_json_safe(v) for v in value]
     return value
@@ -359,8 +371,9 @@ def _json_safe(value):
 def _sse_event(chunk: str) -> dict:
     """A text/event-stream media type: in OpenAPI 3.1 its schema describes one event (as 3.2's
     itemSchema does), whose data is a `chunk` as JSON, or `[DONE]` in the last event."""
-    data = {"type": "string", "contentMediaType": "application/json",
-            "contentSchema": {"$ref": f"#/components/schemas/{chunk}"},
+    data = {"anyOf": [{"type": "string", "contentMediaType": "application/json",
+                       "contentSchema": {"$ref": f"#/components/schemas/{chunk}"}},
+                      {"const": "[DONE]"}],
             "description": f"A {chunk} as JSON; `[DONE]` in the last event."}
     return {"schema": {"type": "object", "properties": {"data": data}, "required": ["data"]}}
 

@@ -133,7 +133,10 @@ class EventStream:
                 first, self._first = self._first, None
                 yield first
             while not self._ended:
-                yield await self._next()
+                event = await self._next()
+                if event["type"] == "error":   # (an error first event is not here: it became open's ApiError)
+                    self.dispatcher.metrics.error(event["error"]["type"])
+                yield event
         finally:
             await self.aclose()
 
@@ -149,8 +152,6 @@ class EventStream:
             self.dispatcher.metrics.ttft.observe(time.perf_counter() - self.arrived)
         if kind in ("done", "error"):
             self._ended = True
-            if kind == "error":
-                self.dispatcher.metrics.error(event["error"]["type"])
         return event
 
     async def _receive(self) -> list[dict]:

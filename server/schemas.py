@@ -126,7 +126,15 @@ Temperature = Annotated[float, Field(ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE, des
     f"at most {MAX_TEMPERATURE}."))]
 
 
+def _strategy_required(schema: dict[str, Any]) -> None:
+    # `strategy` has a default (GreedySampling() is the default sampling), but it is the union's
+    # discriminator: a request must send it, and the published schema says so.
+    schema["required"] = ["strategy", *schema.get("required", [])]
+
+
 class _Sampling(_Request):
+    model_config = ConfigDict(json_schema_extra=_strategy_required)
+
     def params(self) -> dict[str, Any]:
         """strategy / temperature / k / p for model.sampling.SamplingParams (unused ones None)."""
         return {"strategy": self.strategy, "temperature": getattr(self, "temperature", 1.0),

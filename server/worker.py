@@ -45,9 +45,9 @@ from server.settings import Settings
 
 log = logging.getLogger("attnserve.worker")
 INTERNAL_PATH = "/internal/generate"   # LitServe's route for this API; removed from the public app
-TOMBSTONES = 4096
+TOMBSTONES = 4096                      # cancels remembered for requests that have not arrived yet
 FLUSH = "_flush"                      # a no-op request (see EngineAPI.setup)
-WORKER_PID = "_worker_pid"             # internal field of the start event, removed before it is sent                      # cancels remembered for requests that have not arrived yet
+WORKER_PID = "_worker_pid"             # internal field of the start event, removed before it is sent
 
 
 class EngineAPI(ls.LitAPI):
@@ -237,8 +237,7 @@ class EngineRunner:
             else:
                 m.error("cancelled")
             return native.done_event(event)
-        assert isinstance(event, Failed)
-        m.error(event.error_type)
+        assert isinstance(event, Failed)   # (counted by the HTTP process that sends it: once)
         return native.failed_event(event)
 
 
