@@ -225,7 +225,8 @@ def filter_top_p(logits: Tensor, p: Tensor, mask: Tensor | None = None) -> Tenso
     ordered = logits.sort(dim=-1, descending=True).values  # (B, V)
     cum = ordered.softmax(dim=-1).cumsum(dim=-1)
     mass_before = torch.nn.functional.pad(cum[:, :-1], (1, 0))  # mass of the more probable tokens
-    n_keep = (mass_before < p[:, None]).sum(dim=-1, keepdim=True)  # >= 1, as mass_before[0] = 0
+    # At least the top token, also when p underflows to 0 in float32 (mass_before[0] = 0 < p fails).
+    n_keep = (mass_before < p[:, None]).sum(dim=-1, keepdim=True).clamp(min=1)
     keep = logits >= ordered.gather(-1, n_keep - 1)
     # A float cumsum can reach 1 before the last token; p = 1 must keep every token.
     return _remove(logits, keep | (p >= 1)[:, None], mask)

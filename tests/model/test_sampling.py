@@ -367,3 +367,10 @@ def test_params_accept_the_edges_and_sample_checks_its_arguments():
         sample(torch.zeros(2, 30), b, [None])
     with pytest.raises(ValueError, match="num_logprobs"):
         sample(torch.zeros(2, 30), b, [None, None], num_logprobs=21)
+
+
+def test_top_p_that_underflows_in_float32_keeps_the_top_token():
+    from model.sampling import filter_top_p
+    logits = torch.tensor([[1.0, 3.0, 2.0]])
+    kept = filter_top_p(logits, torch.tensor([5e-324], dtype=torch.float32))
+    assert torch.isfinite(kept).tolist() == [[False, True, False]]
