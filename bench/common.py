@@ -26,8 +26,11 @@ from model.transformer import Transformer
 Contender = Callable[[], float | None]
 
 
-def interleaved(contenders: dict[str, Contender], *, reps: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds of each contender over `reps` interleaved repetitions (after `warmup`)."""
+def interleaved(contenders: dict[str, Contender], *, reps: int, warmup: int = 1,
+                stat: Callable[[list[float]], float] = statistics.median) -> dict[str, float]:
+    """Seconds of each contender over `reps` interleaved repetitions (after `warmup`), summarised
+    by `stat`: the median, or the min where the question is the cost of the code itself (other
+    load only ever adds time)."""
     samples: dict[str, list[float]] = {name: [] for name in contenders}
     for rep in range(warmup + reps):
         for name, fn in contenders.items():
@@ -36,7 +39,7 @@ def interleaved(contenders: dict[str, Contender], *, reps: int, warmup: int = 1)
             elapsed = time.perf_counter() - start if counted is None else counted
             if rep >= warmup:
                 samples[name].append(elapsed)
-    return {name: statistics.median(s) for name, s in samples.items()}
+    return {name: stat(s) for name, s in samples.items()}
 
 
 def synthetic_text(n_lines: int, *, seed: int = 0) -> list[str]:
@@ -51,11 +54,12 @@ def synthetic_text(n_lines: int, *, seed: int = 0) -> list[str]:
 
 
 def random_checkpoint(directory: Path, preset_name: str, *, vocab_size: int, seed: int = 0,
-                      **overrides) -> Path:
+                      text_lines: int = 20000, **overrides) -> Path:
     """A random-weight model of a named preset and a BPE tokenizer trained on synthetic text,
     saved as an HF Llama checkpoint directory (so transformers loads the very same weights).
-    The tokenizer may have fewer tokens than the model's vocab_size; every id it makes is valid."""
-    tokenizer = Tokenizer.train_bpe(synthetic_text(20000, seed=seed), vocab_size=vocab_size)
+    The tokenizer may have fewer tokens than the model's vocab_size (less text, fewer merges);
+    every id it makes is valid."""
+    tokenizer = Tokenizer.train_bpe(synthetic_text(text_lines, seed=seed), vocab_size=vocab_size)
     config = preset(preset_name, vocab_size=vocab_size, bos_token_id=tokenizer.bos_id,
                     eos_token_id=tokenizer.eos_id, pad_token_id=0, **overrides)
     model = Transformer(config)

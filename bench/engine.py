@@ -1,7 +1,8 @@
 """Engine benchmarks: every number is a ratio of two things measured side by side in this run.
 
-    python bench/engine.py            # the full run (a few minutes on 2 CPU cores)
-    python bench/engine.py --quick    # a smoke run (about a minute): same table, fewer tokens/reps
+    python bench/engine.py               # the full run: 3–7 minutes on 2 shared CPU cores
+    python bench/engine.py --quick       # a smoke run (~30 s): same table, fewer tokens and reps
+    python bench/engine.py --threads 1   # torch intra-op threads (default 2)
 
 Models: the shipped checkpoint (checkpoints/calculator), and two random-weight checkpoints built
 here and saved as HF Llama directories, so `transformers` loads the very same weights: "small"
@@ -17,22 +18,28 @@ Measurements (A and B alternate, repetition after repetition; medians are compar
 2. KV-cached vs full-recompute decode at ~1,024 tokens of context (bench model): the engine's
    time per decode step (between its Token events) against re-running the model over the whole
    sequence for every new token (what a server without a cache does).
-3. Concurrency (bench model): aggregate generated tokens/s of 16 and 32 simultaneous requests
-   (submitted together, prefill included) against one request alone.
+3. Concurrency (bench model): aggregate decode tokens/s of 16 and 32 simultaneous requests
+   against one request alone: three engines (batch 1, 16, 32) take turns decode step by decode
+   step (prefill not timed); tokens/s = requests / median step time.
 4. Attention capture: a request asking for every layer's weights (all heads, prompt included) vs
    the same request asking for none, on the shipped model and the bench model.
 5. Capture off vs a build without the feature: the engine as shipped (capture off) against the
-   same engine and model with every capture branch removed — subclasses below whose decode path is
-   the shipped one minus the `attn_layers` / `need_weights` bookkeeping (same kernels, same
-   sampling, same events). Both produce identical logits (checked). A third contender, a second
-   copy of the shipped engine, gives the A/A ratio: the noise floor of this run.
+   same engine with every capture branch removed — subclasses below whose decode path is the
+   shipped one minus the `attn_layers` / `need_weights` bookkeeping (same kernels, same sampling,
+   same events), on module objects sharing the shipped model's very tensors. Both produce
+   identical logits and tokens (checked). The engines take turns decode step by decode step, at
+   batch 1 and 16, and the median step times are compared. A third contender, a second copy of
+   the shipped engine, gives the A/A ratio: this run's noise.
 
-The machine may be shared: absolute tokens/s move with other load, ratios much less.
+The machine may be shared: absolute tokens/s move with other load, ratios much less. With
+--threads 2 on cores busy with other work, every OpenMP parallel region (SDPA, MKL GEMMs) can wait
+for a descheduled worker thread, for HF and for us alike; --threads 1 shows the code's own speed.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import tempfile
@@ -40,15 +47,18 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import Row, describe_machine, interleaved, print_table, random_checkpoint  # noqa: E402
-from model.checkpoint import load_checkpoint  # noqa: E402
-from model.engine import Engine  # noqa: E402
-from model.events import AttentionSpec, Finished, GenerationRequest, Token  # noqa: E402
-from model.tokenizer import Tokenizer  # noqa: E402
-from model.transformer import Transformer  # noqa: E402
+from bench.common import Row, describe_machine, interleaved, print_table, random_checkpoint
+from model.attention import Attention, fast_attention
+from model.checkpoint import load_checkpoint
+from model.engine import Engine
+from model.events import AttentionSpec, Finished, GenerationRequest, Token
+from model.rope import apply_rope
+from model.tokenizer import Tokenizer
+from model.transformer import Block, ModelOutput, Transformer
 
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "calculator"
 PROMPTS = ["two plus three equals", "forty two minus seven equals", "ninety nine plus one equals"]
@@ -145,22 +155,38 @@ def cache_vs_recompute(model: Transformer, tokenizer: Tokenizer, *, context: int
 
 
 # -- 3. concurrency -------------------------------------------------------------------------------
-def concurrency(model: Transformer, tokenizer: Tokenizer, *, batches: tuple[int, ...], tokens: int,
-                reps: int) -> dict[int, float]:
-    """Aggregate tokens/s for each number of simultaneous requests."""
-    engine = Engine(model, tokenizer, max_batch=max(batches), max_context=256)
+def step_by_step(engines: dict, prompts: dict, *, steps: int, rounds: int) -> tuple[dict, dict]:
+    """Decode-step seconds of `engines` taking turns step by step (the order rotating): the finest
+    interleaving there is, so a burst of other load hits them all alike. Each engine decodes its
+    own `prompts` (one request each, all admitted and prefilled before the timed steps) for
+    `steps` steps, `rounds` times. Returns every step's seconds and the tokens, per engine."""
+    times: dict = {name: [] for name in engines}
+    tokens: dict = {name: [] for name in engines}
+    order = list(engines)
+    for _ in range(rounds):
+        handles = {name: [e.submit(GenerationRequest(prompt_ids=p, max_tokens=steps + 1, ignore_eos=True))
+                          for p in prompts[name]] for name, e in engines.items()}
+        for e in engines.values():
+            e.step()                                                # admission and prefill: not timed
+        for i in range(steps):
+            k = i % len(order)
+            for name in order[k:] + order[:k]:
+                start = time.perf_counter()
+                engines[name].step()
+                times[name].append(time.perf_counter() - start)
+        for name, hs in handles.items():
+            assert all(h.finished for h in hs), f"{name}: requests still running after {steps} steps"
+            tokens[name] += [e.id for h in hs for e in h.events if isinstance(e, Token)]
+    return times, tokens
+
+
+def concurrency(model: Transformer, tokenizer: Tokenizer, *, batches: tuple[int, ...], steps: int,
+                rounds: int) -> dict[int, float]:
+    """Aggregate decode tokens/s with each number of simultaneous requests: n / median step time."""
     prompts = [tokenizer.encode(f"{PROMPTS[i % 3]} {'x' * (i % 7)}") for i in range(max(batches))]
-
-    def run(n: int):
-        def go() -> None:
-            handles = [engine.submit(GenerationRequest(prompt_ids=prompts[i], max_tokens=tokens, ignore_eos=True))
-                       for i in range(n)]
-            while not all(h.finished for h in handles):
-                engine.step()
-        return go
-
-    t = interleaved({n: run(n) for n in batches}, reps=reps)
-    return {n: n * tokens / t[n] for n in batches}
+    engines = {n: Engine(model, tokenizer, max_batch=n, max_context=256) for n in batches}
+    times, _ = step_by_step(engines, {n: prompts[:n] for n in batches}, steps=steps, rounds=rounds)
+    return {n: n / statistics.median(times[n]) for n in batches}
 
 
 # -- 4. attention capture -------------------------------------------------------------------------
@@ -182,8 +208,118 @@ def capture_cost(name: str, model: Transformer, tokenizer: Tokenizer, *, tokens:
 
 
 # -- 5. capture off vs a build without the feature ------------------------------------------------
-def capture_off_vs_without(model: Transformer, tokenizer: Tokenizer, *, tokens: int, reps: int) -> list[Row]:
-    raise NotImplementedError
+# The engine and model as shipped, minus every line that exists only for attention capture: the
+# `attn_layers` / `need_weights` arguments and checks, the attentions dict, the per-row attention
+# checks and layer set in the decode step. Everything else is the shipped code, copied: keep these
+# in step with model/attention.py, model/transformer.py and Engine._decode (the run checks that
+# both builds produce identical logits and tokens).
+class NoCaptureAttention(Attention):
+    def forward(self, x, cos, sin, *, residual, mask=None, cache=None, at=None):
+        B, T = cos.shape[:2]
+        nh, nkv, hs = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = (x @ self.w_qkv).view(B, T, nh + 2 * nkv, hs)
+        qk = qkv[:, :, : nh + nkv]
+        qk.copy_(apply_rope(qk, cos, sin))
+        q, kv = qkv.split_with_sizes([nh, 2 * nkv], dim=2)
+        q = q.transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(self.layer, at, kv)
+        else:
+            k, v = kv.transpose(1, 2).chunk(2, dim=1)
+        out = fast_attention(q, k, v, mask)
+        out = out.transpose(1, 2).reshape(B * T, nh * hs)
+        return torch.addmm(residual, out, self.w_o)
+
+
+class NoCaptureBlock(Block):
+    def forward(self, x, cos, sin, mask, cache, at):
+        x = self.self_attn.forward(self.input_layernorm.forward(x), cos, sin, residual=x, mask=mask,
+                                   cache=cache, at=at)
+        return self.mlp.forward(self.post_attention_layernorm.forward(x), residual=x)
+
+
+class NoCaptureTransformer(Transformer):
+    def forward(self, tokens, *, positions=None, cache=None, slots=None, attn_layers=(), last_only=False):
+        # attn_layers: accepted (the engine's prefill passes its empty tuple) and ignored.
+        B, T = tokens.shape
+        if positions is None:
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        at, mask = None, None
+        if cache is not None:
+            kv_len = int(positions.max()) + 1
+            if kv_len > cache.max_context:
+                raise ValueError(f"position {kv_len - 1} is beyond max_context={cache.max_context}")
+            if not (kv_len == T or (B == 1 and T == 1)):
+                keys = torch.arange(kv_len, device=tokens.device)
+                mask = (keys <= positions.unsqueeze(-1)).unsqueeze(1)
+            at = cache.index(slots, positions, kv_len)
+        x = self.embed_tokens(tokens.reshape(B * T))
+        for block in self.layers:
+            x = block(x, cos, sin, mask, cache, at)
+        x = x.view(B, T, -1)
+        if last_only:
+            x = x[:, -1:]
+        return ModelOutput(self.lm_head(self.norm(x)))
+
+
+class NoCaptureEngine(Engine):
+    def _decode(self, running):
+        if running == self._step_seqs:
+            tokens = self._next_tokens
+            self._positions += 1
+        else:
+            slot_ids = [s.slot for s in running]
+            first, B = slot_ids[0], len(running)
+            self._slots = (slice(first, first + B) if slot_ids == list(range(first, first + B))
+                           else torch.tensor(slot_ids, device=self.device))
+            tokens = torch.tensor([[s.last_token] for s in running], device=self.device)
+            self._positions = torch.tensor([[s.length] for s in running], device=self.device)
+            self._step_seqs = list(running)
+        out = self.model(tokens, positions=self._positions, cache=self.cache, slots=self._slots)
+        for s in running:
+            s.length += 1
+        sampled = self._sample(out.logits[:, -1], running)
+        self._next_tokens = sampled.token_ids[:, None]
+        token_ids = sampled.token_ids.tolist()
+        for row, seq in enumerate(running):
+            self._on_token(seq, token_ids[row], sampled, row, None)
+        return [s.handle for s in running]
+
+
+def without_capture(model: Transformer) -> Transformer:
+    """`model` in the no-capture build: new module objects of the classes above, sharing every
+    parameter and buffer with `model` (the same memory, so only the code differs)."""
+    def twin_of(module: nn.Module, cls: type) -> nn.Module:
+        twin = copy.copy(module)                        # shares _parameters and _buffers
+        twin.__class__, twin._modules = cls, dict(module._modules)
+        return twin
+
+    twin = twin_of(model, NoCaptureTransformer)
+    twin._modules["layers"] = nn.ModuleList(twin_of(block, NoCaptureBlock) for block in model.layers)
+    for block in twin.layers:
+        block._modules["self_attn"] = twin_of(block.self_attn, NoCaptureAttention)
+    return twin
+
+
+def capture_off_vs_without(model: Transformer, tokenizer: Tokenizer, *, batch: int, steps: int,
+                           rounds: int) -> Row:
+    twin = without_capture(model)
+    prompts = [tokenizer.encode(PROMPTS[i % 3]) for i in range(batch)]
+    with torch.inference_mode():                                    # the two builds agree exactly
+        x = torch.tensor([prompts[0]])
+        assert torch.equal(model(x).logits, twin(x).logits)
+    engines = {"shipped": Engine(model, tokenizer, max_batch=batch),
+               "shipped again": Engine(model, tokenizer, max_batch=batch),
+               "without": NoCaptureEngine(twin, tokenizer, max_batch=batch)}
+    times, tokens = step_by_step(engines, dict.fromkeys(engines, prompts), steps=steps, rounds=rounds)
+    assert tokens["shipped"] == tokens["without"], "the no-capture build generated different tokens"
+    t = {name: statistics.median(v) for name, v in times.items()}
+    aa = max(t["shipped"], t["shipped again"]) / min(t["shipped"], t["shipped again"])
+    return Row(f"capture off vs build without it, shipped b={batch}",
+               f"{t['shipped'] * 1e3:.3f} ms/step", f"{t['without'] * 1e3:.3f} ms/step",
+               t["shipped"] / t["without"], target=1.03, higher_is_better=False,
+               note=f"A/A noise this run: {aa:.3f}×")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,36 +329,43 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     quick = args.quick
-    reps = 3 if quick else 7
+    reps = 2 if quick else 7
     print(describe_machine(args.threads), "— quick run" if quick else "")
     rows: list[Row] = []
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="attnserve-bench-") as tmp:
-        small_dir = random_checkpoint(Path(tmp) / "small", "small", vocab_size=4096, seed=1)
-        bench_dir = random_checkpoint(Path(tmp) / "bench", "bench", vocab_size=8192, seed=2)
-        print(f"built random checkpoints in {time.perf_counter() - started:.1f} s", flush=True)
 
-        n = 32 if quick else 128
+    def report(row: Row) -> None:
+        rows.append(row)
+        print(f"  [{time.perf_counter() - started:4.0f} s] {row.measurement}: {row.ours} vs {row.baseline} "
+              f"→ {row.ratio:.2f}× {row.note}", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="attnserve-bench-") as tmp:
+        lines = 3000 if quick else 20000
+        small_dir = random_checkpoint(Path(tmp) / "small", "small", vocab_size=4096, seed=1, text_lines=lines)
+        bench_dir = random_checkpoint(Path(tmp) / "bench", "bench", vocab_size=8192, seed=2, text_lines=lines)
+        print(f"  [{time.perf_counter() - started:4.0f} s] built the random-weight checkpoints", flush=True)
+
+        n = 16 if quick else 128
         for name, directory in (("shipped", SHIPPED), ("small", small_dir), ("bench", bench_dir)):
-            rows.append(decode_vs_hf(name, directory, tokens=n, reps=reps))
-            print(f"  {rows[-1].measurement}: {rows[-1].ours} vs {rows[-1].baseline}", flush=True)
+            report(decode_vs_hf(name, directory, tokens=n, reps=reps))
 
         bench_model, bench_tok = load_checkpoint(bench_dir)
-        rows.append(cache_vs_recompute(bench_model, bench_tok, context=1024, tokens=16 if quick else 64,
-                                       recompute_tokens=2 if quick else 3, reps=2 if quick else 3))
-        print(f"  {rows[-1].measurement}: {rows[-1].ratio:.2f}×", flush=True)
+        report(cache_vs_recompute(bench_model, bench_tok, context=512 if quick else 1024, tokens=8 if quick else 64,
+                                  recompute_tokens=1 if quick else 3, reps=1 if quick else 3))
 
-        tps = concurrency(bench_model, bench_tok, batches=(1, 16, 32), tokens=24 if quick else 64, reps=reps)
-        rows.append(Row("16 concurrent vs 1 (bench), aggregate", f"{tps[16]:,.0f} tok/s", f"{tps[1]:,.0f} tok/s",
-                        tps[16] / tps[1], target=6.0))
-        rows.append(Row("32 concurrent vs llama-server's best here", f"{tps[32]:,.0f} tok/s", "1,092 tok/s",
-                        tps[32] / 1092, target=1.0, note="baseline quoted from the issue, not measured"))
-        print(f"  concurrency: {tps}", flush=True)
+        tps = concurrency(bench_model, bench_tok, batches=(1, 16, 32), steps=8 if quick else 64,
+                          rounds=1 if quick else 3)
+        report(Row("16 concurrent vs 1 (bench), aggregate", f"{tps[16]:,.0f} tok/s", f"{tps[1]:,.0f} tok/s",
+                   tps[16] / tps[1], target=6.0, note="decode steps (prefill not timed)"))
+        report(Row("32 concurrent vs llama-server's best here", f"{tps[32]:,.0f} tok/s", "1,092 tok/s",
+                   tps[32] / 1092, target=1.0, note="baseline quoted from the issue, not measured"))
 
         shipped_model, shipped_tok = load_checkpoint(SHIPPED)
-        rows.append(capture_cost("shipped", shipped_model, shipped_tok, tokens=n, reps=reps))
-        rows.append(capture_cost("bench", bench_model, bench_tok, tokens=n // 2, reps=reps))
-        # rows += capture_off_vs_without(shipped_model, shipped_tok, tokens=200, reps=5 if quick else 15)
+        report(capture_cost("shipped", shipped_model, shipped_tok, tokens=n, reps=reps))
+        report(capture_cost("bench", bench_model, bench_tok, tokens=n // 2, reps=reps))
+        for batch in (1, 16):
+            report(capture_off_vs_without(shipped_model, shipped_tok, batch=batch, steps=60 if quick else 400,
+                                          rounds=1 if quick else 3))
     print()
     print_table(rows)
     print(f"\n{sum(r.passed for r in rows)}/{len(rows)} targets met; ran {time.perf_counter() - started:.0f} s")

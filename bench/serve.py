@@ -28,10 +28,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model.checkpoint import load_checkpoint  # noqa: E402
-from model.engine import Engine  # noqa: E402
-from model.events import GenerationRequest  # noqa: E402
-from tests.serving import CHECKPOINT, running_server  # noqa: E402
+from model.checkpoint import load_checkpoint
+from model.engine import Engine
+from model.events import GenerationRequest
+from tests.serving import CHECKPOINT, running_server
 
 PROMPT = "two plus three equals"
 

@@ -96,8 +96,13 @@ class Engine:
         self._admitting: list[_Sequence] = []       # taken from the queue this step, not yet prefilled
         self._cancelled: set[str] = set()
         self._lock = threading.Condition()
-        self._batch_key: tuple | None = None         # cached SamplingBatch for an unchanged batch
+        self._batch_seqs: list[_Sequence] = []       # the rows of the cached SamplingBatch
         self._batch: SamplingBatch | None = None
+        self._step_seqs: list[_Sequence] = []        # the rows of the last decode step, and its inputs:
+        self._slots: slice | Tensor = slice(0, 0)    # reused while the same sequences decode again
+        self._positions: Tensor | None = None        # (B, 1)
+        self._next_tokens: Tensor | None = None      # (B, 1) the tokens that step sampled
+        self._step_layers: list[int] = []
         self._counts: Tensor | None = None           # (max_batch, V) generated-token counts, for penalties
         self._seen: Tensor | None = None             # (max_batch, V) tokens in prompt or output
 
@@ -212,7 +217,7 @@ class Engine:
             self._cancelled.clear()
         self._active.clear()
         self._free = list(range(self.max_batch))
-        self._batch_key = None
+        self._batch_seqs, self._step_seqs = [], []
         for seq in seqs:
             seq.handle.events.append(Failed(seq.request.request_id, error_type, message))
             seq.handle.finished = True
@@ -238,32 +243,43 @@ class Engine:
             prompt_attention=weights if spec and spec.include_prompt else None,
             queue_time=seq.admitted - seq.submitted))
         sampled = self._sample(out.logits[:, -1], [seq])
-        self._on_token(seq, sampled, 0, weights[:, :, -1] if weights is not None else None)
+        first_row = weights[:, :, -1] if weights is not None else None                      # (L, H, T)
+        self._on_token(seq, int(sampled.token_ids[0]), sampled, 0, first_row)
         return seq.handle
 
     def _decode(self, running: list[_Sequence]) -> list[Handle]:
-        slot_ids = [s.slot for s in running]
-        B = len(running)
-        slots = slice(0, B) if slot_ids == list(range(B)) else torch.tensor(slot_ids, device=self.device)
-        tokens = torch.tensor([[s.last_token] for s in running], device=self.device)    # (B, 1)
-        positions = torch.tensor([[s.length] for s in running], device=self.device)     # (B, 1)
-        layers = sorted({layer for s in running for layer in s.layers})
-        out = self.model(tokens, positions=positions, cache=self.cache, slots=slots, attn_layers=layers)
+        if running == self._step_seqs:
+            # The same sequences as last step (eq=False: compared by identity): their inputs are
+            # last step's samples, one position on. No host→device copies, no new tensors.
+            tokens = self._next_tokens
+            self._positions += 1
+        else:
+            slot_ids = [s.slot for s in running]
+            first, B = slot_ids[0], len(running)
+            self._slots = (slice(first, first + B) if slot_ids == list(range(first, first + B))
+                           else torch.tensor(slot_ids, device=self.device))
+            tokens = torch.tensor([[s.last_token] for s in running], device=self.device)   # (B, 1)
+            self._positions = torch.tensor([[s.length] for s in running], device=self.device)  # (B, 1)
+            self._step_layers = sorted({layer for s in running for layer in s.layers})
+            self._step_seqs = list(running)
+        out = self.model(tokens, positions=self._positions, cache=self.cache, slots=self._slots,
+                         attn_layers=self._step_layers)
         for s in running:
             s.length += 1
         sampled = self._sample(out.logits[:, -1], running)
+        self._next_tokens = sampled.token_ids[:, None]
+        token_ids = sampled.token_ids.tolist()                # one device→host copy for the batch
         for row, seq in enumerate(running):
             rows = None
             if seq.request.attention is not None:
                 rows = _select_heads(out.attentions, seq.layers, seq.request.attention, row=row)
                 rows = rows[:, :, 0, : seq.length]                                      # (L, H, S)
-            self._on_token(seq, sampled, row, rows)
+            self._on_token(seq, token_ids[row], sampled, row, rows)
         return [s.handle for s in running]
 
     def _sample(self, logits: Tensor, seqs: list[_Sequence]) -> Sampled:
-        key = tuple(id(s) for s in seqs)
-        if key != self._batch_key:
-            self._batch_key = key
+        if seqs != self._batch_seqs:                           # identity, as in _decode
+            self._batch_seqs = list(seqs)
             self._batch = SamplingBatch.from_params([s.request.sampling for s in seqs], self.device)
         counts = seen = None
         if self._batch.any_penalty:
@@ -274,8 +290,9 @@ class Engine:
                       seen=seen, num_logprobs=n_top,
                       want_logprobs=any(s.request.logprobs is not None for s in seqs))
 
-    def _on_token(self, seq: _Sequence, sampled: Sampled, row: int, attention: Tensor | None) -> None:
-        request, token_id = seq.request, int(sampled.token_ids[row])
+    def _on_token(self, seq: _Sequence, token_id: int, sampled: Sampled, row: int,
+                  attention: Tensor | None) -> None:
+        request = seq.request
         seq.last_token = token_id
         seq.generated += 1
         if seq.first_token is None:

@@ -255,3 +255,23 @@ def test_penalties_change_greedy_output_and_stay_per_request(model, tokenizer):
                                      request(tokenizer, "two", max_tokens=20, sampling=penalised)])
     assert [t.id for t in together[0][0]] == [t.id for t in plain]
     assert [t.id for t in together[1][0]] == [t.id for t in alone]
+
+
+def test_each_request_samples_with_its_own_settings(model, tokenizer):
+    """The engine caches a batch's sampling settings; a request that follows a finished one (whose
+    bookkeeping object may be freed and its memory, so its id(), reused) must never inherit them."""
+    engine = Engine(model, tokenizer, max_batch=1)
+    prompt = tokenizer.encode("two plus")
+    for i in range(30):
+        temperature = 1.0 if i % 2 else 3.0
+        sampling = SamplingParams() if i % 2 else SamplingParams(strategy="random", temperature=temperature)
+        handle = engine.submit(GenerationRequest(prompt_ids=prompt, max_tokens=1 + i % 4, sampling=sampling, logprobs=0,
+                                                 seed=i, ignore_eos=True))
+        while not handle.finished:
+            engine.step()
+        tokens = [e for e in handle.events if isinstance(e, Token)]
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + [t.id for t in tokens]])).logits[0, len(prompt) - 1:]
+        for t, row in zip(tokens, logits):
+            expected = float((row / temperature).log_softmax(-1)[t.id])
+            assert abs(t.logprob - expected) < 1e-4, (i, t.index, t.logprob, expected)
