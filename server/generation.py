@@ -10,6 +10,7 @@ in the worker through the cancel queues.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -98,10 +99,9 @@ class Dispatcher:
 
     def cancel(self, request_id: str) -> None:
         for writer in self.cancel_writers:     # only the owning worker knows the id; all are told
-            try:
-                writer.send_bytes(request_id.encode())   # < PIPE_BUF: one atomic write
-            except (BlockingIOError, BrokenPipeError):
-                pass                                     # that worker is gone or stuck: nothing to cancel
+            # < PIPE_BUF: one atomic write. A full or broken pipe: that worker is stuck or gone.
+            with contextlib.suppress(BlockingIOError, BrokenPipeError):
+                writer.send_bytes(request_id.encode())
 
 
 class EventStream:

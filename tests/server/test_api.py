@@ -58,7 +58,8 @@ def test_stream_event_order_and_terminal_event(server):
 
 def test_sampling_strategies_seeds_and_stops(server):
     strategies = [{"strategy": "random", "temperature": 1.5}, {"strategy": "top_k", "k": 5, "temperature": 2.0},
-                  {"strategy": "top_p", "p": 0.9, "temperature": 2.0}, {"strategy": "min_p", "p": 0.05, "temperature": 2.0},
+                  {"strategy": "top_p", "p": 0.9, "temperature": 2.0},
+                  {"strategy": "min_p", "p": 0.05, "temperature": 2.0},
                   {"strategy": "typical", "p": 0.9, "temperature": 2.0}]
     for sampling in strategies:
         body = {"prompt": "two plus", "max_tokens": 12, "sampling": sampling, "seed": 7, "ignore_eos": True}

@@ -56,7 +56,8 @@ def test_disconnect_frees_the_slot_for_the_next_request(tmp_path):
 
 def test_metrics_match_the_traffic_across_two_http_processes(tmp_path):
     with running_server(tmp_path, "--api-servers", "2", "--max-context", "64") as srv:
-        prompts = {"two plus three equals": (5, 2), "forty two minus seven equals": (6, 3), "nine plus one equals": (5, 2)}
+        prompts = {"two plus three equals": (5, 2), "forty two minus seven equals": (6, 3),
+                   "nine plus one equals": (5, 2)}      # prompt tokens, completion tokens (answer + EOS)
         for _ in range(2):
             for prompt in prompts:
                 r = requests.post(srv.url + "/v1/generate", json={"prompt": prompt, "stream": True}, timeout=30)
