@@ -115,13 +115,14 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (engine and server worker)")
     parser.add_argument("--quick", action="store_true", help="fewer tokens and repeats (a smoke run)")
+    parser.add_argument("--transport", choices=("mp", "zmq"), default="mp", help="the server's --transport")
     args = parser.parse_args()
     tokens, repeats = (40, 1) if args.quick else (args.tokens, 3)
 
     engine = engine_tokens_per_second(args.checkpoint, tokens, args.threads, repeats)
     with tempfile.TemporaryDirectory() as tmp, running_server(
             Path(tmp), "--checkpoint", str(args.checkpoint), "--max-batch", str(args.clients),
-            "--threads", str(args.threads), "--log-level", "warning") as srv:
+            "--threads", str(args.threads), "--transport", args.transport, "--log-level", "warning") as srv:
         idle = idle_cpu_percent(srv.proc.pid, 2.0 if args.quick else 5.0)
         single = max((asyncio.run(load(srv.url, 1, tokens)) for _ in range(repeats)), key=lambda r: r["aggregate"])
         many = asyncio.run(load(srv.url, args.clients, tokens))

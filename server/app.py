@@ -17,12 +17,15 @@ from collections.abc import Coroutine
 from pathlib import Path
 
 import litserve as ls
+import litserve.transport.factory as transport_factory
 from fastapi import Depends, FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from litserve.transport.zmq_queue import Broker
+from litserve.transport.zmq_transport import ZMQTransport
 from litserve.utils import WorkerSetupStatus
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
@@ -140,6 +143,26 @@ def authorization(settings: Settings):
     return check
 
 
+class _ZMQTransport(ZMQTransport):
+    """LitServe's ZMQ transport, closable in processes that never used it."""
+
+    def close(self, **kwargs) -> None:
+        if self._zmq:
+            self._zmq.close()
+
+    def __reduce__(self):
+        return _ZMQTransport, (self.backend_address, self.frontend_address)
+
+
+def _zmq_transport(config):
+    """LitServe 0.2.19's own factory swaps the two addresses (and `fast_queue=True` never reaches
+    it), so requests hang: build the transport here with the addresses the right way round."""
+    broker = Broker()
+    broker.start()
+    config.frontend_address, config.backend_address = broker.frontend_address, broker.backend_address
+    return _ZMQTransport(backend_address=broker.backend_address, frontend_address=broker.frontend_address)
+
+
 class AttnServer(ls.LitServer):
     """LitServer, plus what a restarted worker needs to recover (see EngineAPI.setup)."""
 
@@ -163,6 +186,9 @@ def build_server(settings: Settings) -> ls.LitServer:
     server = AttnServer(api, accelerator=settings.device, devices=1, workers_per_device=settings.workers,
                           timeout=False, max_payload_size=settings.max_body_bytes, middlewares=middlewares,
                           restart_workers=True)
+    if settings.transport == "zmq":
+        transport_factory._create_zmq_transport = _zmq_transport
+        server.transport_config.transport_type = "zmq"
     app = server.app
     # LitServe's route to the LitAPI is internal (Dispatcher calls its handler); "/" is the viewer;
     # "/health" is ours (LitServe's answers without a Content-Type).

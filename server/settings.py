@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1, le=64, description="inference worker processes (each its own engine)")
     api_servers: int | None = Field(None, ge=1, le=64, description="HTTP processes (default: workers)")
     device: Literal["cpu", "cuda"] = "cpu"
+    transport: Literal["zmq", "mp"] = Field(
+        "zmq", description="worker → HTTP transport: ZMQ (default) or LitServe's multiprocessing-manager queues")
     threads: int | None = Field(None, ge=1, description="torch threads per worker (default: cores / workers)")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins (none by default)")

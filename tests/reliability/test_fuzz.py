@@ -102,7 +102,9 @@ def test_streams_of_random_valid_requests_match_their_schemas(fuzz_server, path)
     operation = schemathesis.openapi.from_url(fuzz_server.url + "/openapi.json")[path]["POST"]
     statuses = []
 
-    @settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    # derandomize: the same 25 requests every run, so the share of 200s below is not luck.
+    @settings(max_examples=25, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
     @given(st.data())
     def run(data):
         case = data.draw(operation.as_strategy())
