@@ -21,16 +21,21 @@ COPY server/ /server/
 COPY clients/ /clients/
 COPY checkpoints/calculator/ /checkpoints/calculator/
 
+# The runtime requirements alone, so that editing other parts of pyproject.toml (dev extras, tool
+# settings) keeps the dependency layer below cached.
+FROM ${PYTHON_IMAGE} AS requirements
+COPY pyproject.toml /tmp/
+RUN python -c 'import tomllib; p = tomllib.load(open("/tmp/pyproject.toml", "rb")); \
+print("\n".join(p["project"]["dependencies"] + p["build-system"]["requires"]))' > /requirements.txt
+
 FROM ${PYTHON_IMAGE} AS build
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PIP_ROOT_USER_ACTION=ignore
 COPY wheels/ /wheels/
-COPY pyproject.toml /tmp/
-# Dependencies first (from pyproject.toml alone), so that a source change rebuilds only the layers below.
+COPY --from=requirements /requirements.txt /tmp/
+# Dependencies first, so that a source change rebuilds only the layers below.
 RUN set -eu; \
+    export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PIP_ROOT_USER_ACTION=ignore; \
     python -m venv /opt/venv; \
-    python -c 'import tomllib; p = tomllib.load(open("/tmp/pyproject.toml", "rb")); \
-print("\n".join(p["project"]["dependencies"] + p["build-system"]["requires"]))' > /tmp/requirements.txt; \
     pip=/opt/venv/bin/pip; \
     if ls /wheels/*.whl >/dev/null 2>&1 && $pip install -q --no-index --find-links /wheels -r /tmp/requirements.txt; then \
         echo "installed every dependency from wheels/ (no index used)"; \
@@ -45,9 +50,10 @@ print("\n".join(p["project"]["dependencies"] + p["build-system"]["requires"]))' 
            "$site"/torch/bin/test_* "$site"/torch/bin/*Test "$site"/torch/lib/lib*_test.so \
            "$site"/torch/lib/libaoti_custom_ops.so "$site"/torch/lib/libbackend_with_compiler.so
 COPY --from=src / /src/
-# Non-editable install. The checkpoint is readable by the (non-root) server but owned by root.
+# Non-editable install (setuptools came with the dependencies). The checkpoint is readable by the (non-root) server but owned by root.
 RUN set -eu; \
-    /opt/venv/bin/pip install -q --no-index --find-links /wheels --no-deps /src; \
+    export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PIP_ROOT_USER_ACTION=ignore; \
+    /opt/venv/bin/pip install -q --no-index --no-deps --no-build-isolation /src; \
     /opt/venv/bin/pip uninstall -q -y pip setuptools; \
     mkdir -p /app/checkpoints; \
     cp -r /src/checkpoints/calculator /app/checkpoints/; \
@@ -55,20 +61,22 @@ RUN set -eu; \
 
 FROM ${PYTHON_IMAGE}
 # Metadata first and the large copies last: with vfs every step copies the whole file system so far.
+# (chmod: a base image whose / is not world-readable, as a rootfs tarball from `mktemp -d` is, would
+# lock the non-root user out of everything.)
 RUN groupadd --system --gid 10001 attnserve \
-    && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin attnserve
+    && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin attnserve \
+    && chmod 755 /
 # ATTNSERVE_CHECKPOINT is explicit: the package is installed into site-packages, where the default
 # (checkpoints/ next to the source tree) does not exist. Mount another checkpoint (e.g. at /models)
 # and point ATTNSERVE_CHECKPOINT at it to serve it. The metrics dir holds prometheus_client's
 # per-process files (multi-process mode); the server clears stale ones at start.
-ENV PATH=/opt/venv/bin:$PATH \
+ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     ATTNSERVE_HOST=0.0.0.0 \
     ATTNSERVE_PORT=8000 \
     ATTNSERVE_CHECKPOINT=/app/checkpoints/calculator \
     ATTNSERVE_METRICS_DIR=/tmp/attnserve-metrics
-WORKDIR /app
 EXPOSE 8000
 # SIGINT is LitServe's own clean shutdown (workers and API servers included). The server handles
 # SIGTERM the same way (Kubernetes sends SIGTERM whatever the image says).
