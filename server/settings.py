@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     device: Literal["cpu", "cuda"] = "cpu"
     transport: Literal["zmq", "mp"] = Field(
         "zmq", description="worker → HTTP transport: ZMQ (default) or LitServe's multiprocessing-manager queues")
-    threads: int | None = Field(None, ge=1, description="torch threads per worker (default: cores / workers)")
+    threads: int | None = Field(None, ge=1, description="torch threads per worker (default: usable cores / workers)")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins (none by default)")
     max_body_bytes: int = Field(4_000_000, ge=1024, description="largest request body; larger gets 413")
