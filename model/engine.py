@@ -12,9 +12,9 @@ Each `step()`:
   4. turns tokens into events: text deltas (incremental detokenization, stop strings withheld
      until decided), logprobs, attention rows — and frees the slots of finished requests.
 
-`submit` and `cancel` are thread-safe; `step` belongs to one thread (the server runs it in a
-loop that sleeps on `wait_for_work` when idle). Attention is computed on the explicit path only
-in steps where some request asked for it, and only for the layers asked for.
+`submit` and `cancel` are thread-safe; `step` belongs to one thread (the server runs it as a task
+on its worker's event loop, asleep while `has_work()` is false). Attention is computed on the
+explicit path only in steps where some request asked for it, and only for the layers asked for.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ class Engine:
         self._waiting: deque[_Sequence] = deque()
         self._admitting: list[_Sequence] = []       # taken from the queue this step, not yet prefilled
         self._cancelled: set[str] = set()
-        self._lock = threading.Condition()
+        self._lock = threading.Lock()
         self._batch_seqs: list[_Sequence] = []       # the rows of the cached SamplingBatch
         self._batch: SamplingBatch | None = None
         self._step_seqs: list[_Sequence] = []        # the rows of the last decode step, and its inputs:
@@ -120,7 +120,6 @@ class Engine:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(self.max_queue)
             self._waiting.append(seq)
-            self._lock.notify()
         return seq.handle
 
     def validate(self, request: GenerationRequest) -> None:
@@ -146,11 +145,6 @@ class Engine:
         """Stop a request (waiting or running); its slot is free at the next step."""
         with self._lock:
             self._cancelled.add(request_id)
-            self._lock.notify()
-
-    def wait_for_work(self, timeout: float | None = None) -> bool:
-        with self._lock:
-            return self._lock.wait_for(self.has_work, timeout)
 
     def has_work(self) -> bool:
         return bool(self._active or self._waiting or self._cancelled)

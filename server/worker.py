@@ -1,10 +1,15 @@
 """The inference worker: a LitServe LitAPI that owns the model, its KV cache and the engine.
 
 LitServe spawns one process per worker. In it, `enable_async=True` runs every request as an asyncio
-task (`predict`), while ONE engine thread drives `Engine.step()`: each step decodes all running
-requests together, whichever endpoint they came from (continuous batching). The thread hands each
-step's events to the event loop with a single `call_soon_threadsafe`, and sleeps on a condition
-when there is no work — no busy spin.
+task (`predict`), and ONE more task on the same event loop drives `Engine.step()`: each step decodes
+all running requests together, whichever endpoint they came from (continuous batching), puts each
+request's events on its queue, and yields to the loop, which sends them while the next step waits.
+With no work the engine task sleeps on an event — no busy spin.
+
+Why a task and not a thread: PyTorch releases the GIL around every op. With the event loop on a
+second thread wanting it, a small model's decode step handed the GIL back and forth between CPUs
+op by op and took 1.3–2× as long as alone. On one thread the step runs uninterrupted and the loop's
+work (sending events, taking new requests) fits between steps.
 
 Cancellation: the HTTP process sees a client go away; it writes the request id into this worker's
 cancel pipe (made before the processes start; a pipe, not a multiprocessing.Queue, whose lock a
@@ -118,7 +123,7 @@ class EngineAPI(ls.LitAPI):
                 yield "".join(json.dumps(e, separators=(",", ":"), ensure_ascii=False) + "\n" for e in events)
         finally:
             if not finished:
-                runner.engine.cancel(x["request_id"])
+                runner.cancel(x["request_id"])
 
     async def encode_response(self, output, context: dict):
         async for lines in output:
@@ -141,52 +146,65 @@ def to_engine_request(x: dict[str, Any]) -> GenerationRequest:
 
 
 class EngineRunner:
-    """Drives the engine on a thread and delivers each request's events to its asyncio queue."""
+    """Drives the engine as a task on the worker's event loop; delivers each request's events to
+    its asyncio queue."""
 
     def __init__(self, engine: Engine, metrics: Metrics, cancel_reader, settings: Settings):
         self.engine, self.metrics, self.settings = engine, metrics, settings
         self.tokenizer = engine.tokenizer
         self.model_name = settings.served_model_name
         self._cancel_reader = cancel_reader
-        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._queues: dict[str, asyncio.Queue] = {}
         self._last_token: dict[str, float] = {}
         self._tombstones: deque[str] = deque(maxlen=TOMBSTONES)
-        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._work = asyncio.Event()                   # set when a request or cancel arrives
+        self._task: asyncio.Task | None = None
         self._cancel_thread = threading.Thread(target=self._relay_cancels, name="cancels", daemon=True)
 
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
     def start(self) -> None:
-        self._thread.start()
+        """Start relaying cancels. The engine task starts with the first request: LitServe's event
+        loop does not run yet when `setup` does."""
         self._cancel_thread.start()
 
     def submit(self, request: GenerationRequest) -> asyncio.Queue:
         """Called on the worker's event loop. Raises what Engine.submit raises."""
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        if self._task is None:
+            self._loop = asyncio.get_running_loop()
+            self._task = self._loop.create_task(self._run(), name="engine")
+        queue = asyncio.Queue()
         if request.request_id in self._tombstones:    # its client left before it got here
             queue.put_nowait(native.error_event("cancelled", "the client disconnected"))
             return queue
-        self._queues[request.request_id] = (loop, queue)
+        self._queues[request.request_id] = queue
         try:
             self.engine.submit(request)
         except Exception:
             del self._queues[request.request_id]
             raise
+        self._work.set()
         self.metrics.waiting.set(self.engine.num_waiting)
         return queue
+
+    def cancel(self, request_id: str) -> None:
+        """Called on the worker's event loop."""
+        self.engine.cancel(request_id)
+        self._work.set()
 
     def _relay_cancels(self) -> None:
         while True:
             request_id = self._cancel_reader.recv_bytes().decode()
             self._tombstones.append(request_id)
             self.engine.cancel(request_id)
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._work.set)
 
-    def _run(self) -> None:
+    async def _run(self) -> None:
         engine = self.engine
         while True:
-            if not engine.wait_for_work(timeout=1.0):
+            if not engine.has_work():
+                self._work.clear()
+                await self._work.wait()
                 continue
             if batch := engine.num_running:       # the requests this step decodes together
                 self.metrics.decode_batch.observe(batch)
@@ -199,21 +217,19 @@ class EngineRunner:
             self.metrics.running.set(engine.num_running)
             self.metrics.waiting.set(engine.num_waiting)
             self.metrics.kv_usage.set(engine.kv_usage)
+            await asyncio.sleep(0)                # the loop sends these events, takes new requests
 
     def _deliver(self, handles: list[Handle]) -> None:
-        """Format this step's events and hand them to the event loop in one call."""
-        batches: dict[asyncio.AbstractEventLoop, list] = {}
+        """Format this step's events and put them on their requests' queues."""
         for handle in handles:
-            target = self._queues.get(handle.request_id)
+            queue = self._queues.get(handle.request_id)
             events = [self._format(e) for e in _drain(handle)]
             if handle.finished:
                 self._queues.pop(handle.request_id, None)
                 self._last_token.pop(handle.request_id, None)
-            if target is not None and events:
-                loop, queue = target
-                batches.setdefault(loop, []).append((queue, events))
-        for loop, batch in batches.items():
-            loop.call_soon_threadsafe(_put_all, batch)
+            if queue is not None:
+                for event in events:
+                    queue.put_nowait(event)
 
     def _format(self, event) -> dict:
         m, now = self.metrics, event.time
@@ -247,10 +263,3 @@ def _drain(handle: Handle) -> list:
     while handle.events:
         events.append(handle.events.popleft())
     return events
-
-
-def _put_all(batch: list[tuple[asyncio.Queue, list[dict]]]) -> None:
-    for queue, events in batch:
-        for event in events:
-            queue.put_nowait(event)
-

@@ -106,7 +106,10 @@ def test_overload_is_429_with_retry_after_and_admitted_requests_finish(tmp_path)
     """One slot and one place in the queue: a third request is refused at once; the two admitted finish."""
     with running_server(tmp_path, "--max-batch", "1", "--max-queue", "1") as srv:
         body = {"prompt": "two", "max_tokens": 500, "ignore_eos": True, "stream": True}
-        running = post(srv, "/v1/generate", body, key=None, stream=True)
+        # ~16 MB of attention rows, read only after the checks: this request holds its slot however
+        # fast the engine is (the server's writes wait for a reader).
+        every_weight = {"layers": "all", "heads": "all", "include_prompt": False}
+        running = post(srv, "/v1/generate", body | {"attention": every_weight}, key=None, stream=True)
         lines = running.iter_lines()
         assert json.loads(next(lines))["type"] == "start"        # the only slot is taken
         with ThreadPoolExecutor(1) as pool:
