@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import math
 import multiprocessing as mp
 from collections.abc import Coroutine
@@ -362,12 +361,8 @@ async def _unless_client_leaves(work: Coroutine, request: Request):
 
 
 async def _ndjson(stream: EventStream):
-    async for event in stream:
-        yield native_line(event)
-
-
-def native_line(event: dict) -> bytes:
-    return (json.dumps(event, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+    async for line in stream.lines():
+        yield (line + "\n").encode()
 
 
 async def _sse(stream: EventStream, formatter: OpenAIFormatter):

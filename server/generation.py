@@ -5,6 +5,11 @@ queue and waits for the first event, so a refusal (queue full, context too long)
 real status code before any byte of the stream; after that, events are streamed as they come.
 Leaving early (client disconnect, caller stops iterating, server time limit) cancels the request
 in the worker through the cancel queues.
+
+The worker's messages are read straight from LitServe's response buffer (the entry its own
+streaming handler would make) rather than through that handler's three nested generators, and a
+token event's NDJSON line goes out as the worker wrote it: per token, this process does a deque
+pop and a prefix check, and parses JSON only for the other events.
 """
 
 from __future__ import annotations
@@ -16,15 +21,16 @@ import os
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
 
 from litserve.server import StreamingRequestHandler
+from litserve.utils import LitAPIStatus, ResponseBufferItem
 
 from server import native
 from server.metrics import Metrics
 from server.worker import WORKER_PID
 
 LIVENESS_CHECK_SECONDS = 1.0   # how often a waiting stream checks that its worker process is alive
+TOKEN_LINE = '{"type":"token"'  # how the worker's token events begin (compact json.dumps, "type" first)
 
 ERROR_STATUS = {"context_length_exceeded": 400, "invalid_request": 400, "attention_payload_too_large": 400,
                 "overloaded": 429, "cancelled": 499, "timeout": 504, "internal_error": 500}
@@ -83,8 +89,11 @@ class Dispatcher:
         payload["request_id"] = request_id = uuid.uuid4().hex
         stream = EventStream(self, request_id, arrived)
         try:
-            response = await self._handler.handle_request(payload, dict)
-            stream.attach(response.body_iterator)
+            uid, _ = await self._handler._submit_request(payload)
+            # Registered before this task next yields, so before any of the worker's messages is read.
+            buffer = self._handler.server.response_buffer
+            buffer[uid] = ResponseBufferItem(event=asyncio.Event(), response_queue=deque())
+            stream.attach(buffer, uid)
             first = await stream.first()
         except BaseException:
             await stream.aclose()
@@ -105,79 +114,93 @@ class Dispatcher:
 
 
 class EventStream:
-    """Native event dicts of one request, in order; always ends with a done or error event."""
+    """The events of one request, in order; always ends with a done or error event. Iterate it for
+    event dicts, or `lines()` for their NDJSON lines."""
 
     def __init__(self, dispatcher: Dispatcher, request_id: str, arrived: float):
         self.dispatcher, self.request_id, self.arrived = dispatcher, request_id, arrived
         self.deadline = arrived + dispatcher.max_request_seconds
-        self._chunks: AsyncIterator | None = None
-        self._first: dict | None = None
+        self._buffer: dict | None = None
+        self._uid: str | None = None
+        self._first: tuple[str, dict] | None = None
         self._ended = self._closed = False
-        self._pending: deque[dict] = deque()   # events that arrived together in one message
+        self._pending: deque[str] = deque()    # lines that arrived together in one message
         self._worker_pid: int | None = None
         self._seen_token = False
 
-    def attach(self, chunks: AsyncIterator) -> None:
-        self._chunks = chunks
+    def attach(self, buffer: dict, uid: str) -> None:
+        self._buffer, self._uid = buffer, uid
 
     async def first(self) -> dict:
-        self._first = await self._next()
-        return self._first
+        line, event = await self._next()
+        self._first = line, event
+        return event
 
     def __aiter__(self):
-        return self._iterate()
+        return self._iterate(parsed=True)
 
-    async def _iterate(self):
+    def lines(self):
+        """The events as NDJSON lines (without the newline); token lines are passed through unparsed."""
+        return self._iterate(parsed=False)
+
+    async def _iterate(self, *, parsed: bool):
         try:
             if self._first is not None:
-                first, self._first = self._first, None
-                yield first
+                (line, event), self._first = self._first, None
+                yield event if parsed else line
             while not self._ended:
-                event = await self._next()
+                line, event = await self._next()
+                if event is None:          # a token
+                    yield json.loads(line) if parsed else line
+                    continue
                 if event["type"] == "error":   # (an error first event is not here: it became open's ApiError)
                     self.dispatcher.metrics.error(event["error"]["type"])
-                yield event
+                yield event if parsed else line
         finally:
             await self.aclose()
 
-    async def _next(self) -> dict:
+    async def _next(self) -> tuple[str, dict | None]:
+        """The next event's line, and the event parsed unless it is a token."""
         if not self._pending:
             self._pending.extend(await self._receive())
-        event = self._pending.popleft()
+        line = self._pending.popleft()
+        if line.startswith(TOKEN_LINE):
+            if not self._seen_token:
+                self._seen_token = True
+                self.dispatcher.metrics.ttft.observe(time.perf_counter() - self.arrived)
+            return line, None
+        event = json.loads(line)
         kind = event["type"]
-        if kind == "start":
-            self._worker_pid = event.pop(WORKER_PID, None)
-        if kind == "token" and not self._seen_token:
-            self._seen_token = True
-            self.dispatcher.metrics.ttft.observe(time.perf_counter() - self.arrived)
+        if kind == "start" and WORKER_PID in event:
+            self._worker_pid = event.pop(WORKER_PID)
+            line = _line(event)
         if kind in ("done", "error"):
             self._ended = True
-        return event
+        return line, event
 
-    async def _receive(self) -> list[dict]:
-        """The next message's events, or an error event if the worker died or time ran out."""
-        next_chunk = asyncio.ensure_future(anext(self._chunks))
-        try:
-            while True:
-                remaining = self.deadline - time.perf_counter()
-                if remaining <= 0:
-                    return [native.error_event("timeout", "the request ran past the server's limit of "
-                                               f"{self.dispatcher.max_request_seconds:g} s")]
-                done, _ = await asyncio.wait({next_chunk}, timeout=min(remaining, LIVENESS_CHECK_SECONDS))
-                if done:
-                    break
+    async def _receive(self) -> list[str]:
+        """The next message's lines, or an error event's if the worker died or time ran out."""
+        item = self._buffer[self._uid]
+        while True:
+            remaining = self.deadline - time.perf_counter()
+            if remaining <= 0:
+                return [_line(native.error_event("timeout", "the request ran past the server's limit of "
+                                                 f"{self.dispatcher.max_request_seconds:g} s"))]
+            if item.response_queue:
+                break
+            item.event.clear()
+            try:
+                async with asyncio.timeout(min(remaining, LIVENESS_CHECK_SECONDS)):
+                    await item.event.wait()
+            except TimeoutError:
                 if self._worker_pid is not None and not _alive(self._worker_pid):
                     # LitServe restarts a dead worker but never ends the streams it was serving.
-                    return [native.error_event("internal_error", "the inference worker died; "
-                                               "the server is restarting it, retry shortly")]
-            chunk = next_chunk.result()
-        except StopAsyncIteration:   # the stream ended without a last event: LitServe's silent error
-            return [native.error_event("internal_error", "the inference worker stopped before finishing")]
-        finally:
-            if not next_chunk.done():
-                next_chunk.cancel()
-                await asyncio.wait({next_chunk})   # let the generator settle before it is closed
-        return [json.loads(line) for line in chunk.splitlines() if line]
+                    return [_line(native.error_event("internal_error", "the inference worker died; "
+                                                     "the server is restarting it, retry shortly"))]
+        data, status = item.response_queue.popleft()
+        if status != LitAPIStatus.OK:  # finished or failed without a last event: LitServe's silent error
+            return [_line(native.error_event("internal_error", "the inference worker stopped before finishing"))]
+        return data.splitlines()
 
     async def aclose(self) -> None:
         """Release everything; cancel the request in the worker if it is still running."""
@@ -188,5 +211,9 @@ class EventStream:
             self.dispatcher.cancel(self.request_id)
         self.dispatcher.metrics.e2e.observe(time.perf_counter() - self.arrived)
         self.dispatcher.admission.leave()
-        if self._chunks is not None:
-            await self._chunks.aclose()
+        if self._buffer is not None:
+            self._buffer.pop(self._uid, None)
+
+
+def _line(event: dict) -> str:
+    return json.dumps(event, separators=(",", ":"), ensure_ascii=False)

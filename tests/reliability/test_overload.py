@@ -64,9 +64,10 @@ def test_a_burst_beyond_slots_and_queue_is_refused_at_once_and_the_admitted_fini
 
 
 def test_no_request_runs_or_waits_past_the_time_limit(tmp_path):
-    """--max-request-seconds 1: a running stream ends with a `timeout` error event, requests still
-    waiting for the slot are answered 504 (or, had they started, the same error event)."""
-    with running_server(tmp_path, "--max-batch", "1", "--max-queue", "4", "--max-request-seconds", "1") as srv:
+    """--max-request-seconds 0.3: a running stream ends with a `timeout` error event, requests still
+    waiting for the slot are answered 504 (or, had they started, the same error event). The running
+    request (511 tokens with every attention weight) takes about three times the limit here."""
+    with running_server(tmp_path, "--max-batch", "1", "--max-queue", "4", "--max-request-seconds", "0.3") as srv:
         started = time.monotonic()
         running = requests.post(srv.url + "/v1/generate", json=LONG | {"stream": True, "attention": HEAVY},
                                 stream=True, timeout=60)
@@ -77,7 +78,7 @@ def test_no_request_runs_or_waits_past_the_time_limit(tmp_path):
                                    timeout=60) for stream in (False, True)]
             events = [json.loads(line) for line in lines if line]
             assert events[-1]["type"] == "error" and events[-1]["error"]["type"] == "timeout", events[-1]
-            assert "1 s" in events[-1]["error"]["message"] and len(events) > 2     # it did run, then stopped
+            assert "0.3 s" in events[-1]["error"]["message"] and len(events) > 2   # it did run, then stopped
             assert time.monotonic() - started < 4
             for future in waiting:
                 r = future.result()
