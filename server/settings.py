@@ -29,6 +29,9 @@ class Settings(BaseSettings):
         8_000_000, ge=0, description="largest attention payload one request may ask for (floats)")
     max_request_seconds: float = Field(
         600.0, gt=0, description="a request running longer than this is ended with an error event")
+    stream_interval_ms: float = Field(
+        5.0, ge=0, le=1000, description="after a stream's first token, tokens made within this many ms "
+        "go out in one write (0: one write per step)")
     api_key: SecretStr | None = Field(None, description="require this key (Bearer or X-API-Key)")
     workers: int = Field(1, ge=1, le=64, description="inference worker processes (each its own engine)")
     api_servers: int | None = Field(None, ge=1, le=64, description="HTTP processes (default: workers)")

@@ -111,16 +111,26 @@ class EngineAPI(ls.LitAPI):
         if error is not None:
             yield json.dumps(error) + "\n"
             return
+        # Each message carries every event that is ready, and after the first token a stream waits
+        # out the stream interval before its next message: a small model makes a token every few
+        # hundred microseconds, and one message per token through the transport, the HTTP process
+        # and the client's parser costs more than the token. The first token and the last event
+        # go at once.
+        interval, loop = self.settings.stream_interval_ms / 1e3, asyncio.get_running_loop()
+        sent_token_at: float | None = None
         finished = False
         try:
             while not finished:
-                # Send every event that is ready as one message: under load a stream falls a step
-                # or two behind, and one transport message per token would then be the bottleneck.
                 events = [await queue.get()]
+                wait = sent_token_at + interval - loop.time() if sent_token_at is not None else 0
+                if wait > 0 and events[0]["type"] == "token":
+                    await asyncio.sleep(wait)
                 while not queue.empty():
                     events.append(queue.get_nowait())
                 finished = events[-1]["type"] in ("done", "error")
                 yield "".join(json.dumps(e, separators=(",", ":"), ensure_ascii=False) + "\n" for e in events)
+                if events[-1]["type"] == "token":
+                    sent_token_at = loop.time()
         finally:
             if not finished:
                 runner.cancel(x["request_id"])
