@@ -114,8 +114,8 @@ class EngineAPI(ls.LitAPI):
         # Each message carries every event that is ready, and after the first token a stream waits
         # out the stream interval before its next message: a small model makes a token every few
         # hundred microseconds, and one message per token through the transport, the HTTP process
-        # and the client's parser costs more than the token. The first token and the last event
-        # go at once.
+        # and the client's parser costs more than the token. The first token goes at once; no
+        # event waits longer than the interval.
         interval, loop = self.settings.stream_interval_ms / 1e3, asyncio.get_running_loop()
         sent_token_at: float | None = None
         finished = False

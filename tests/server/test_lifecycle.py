@@ -148,3 +148,23 @@ def test_all_three_endpoints_share_one_batched_decode_step(tmp_path):
         steps = value(m, "attnserve_decode_batch_size_count")
         with_three = steps - value(m, "attnserve_decode_batch_size_bucket", le="2.0")
         assert with_three >= 100, (steps, with_three)         # most of the 3 × 300 tokens came 3 at a time
+
+
+def test_stream_interval_groups_tokens_after_the_first(tmp_path):
+    """--stream-interval-ms 300, far longer than 60 tokens take to make: the first token comes with
+    the start event at once; the rest wait out the interval and arrive together, not one by one."""
+    with running_server(tmp_path, "--stream-interval-ms", "300") as srv:
+        body = {"prompt": "two", "max_tokens": 60, "ignore_eos": True, "stream": True}
+        sent = time.monotonic()
+        arrivals = []                                   # (seconds since sent, line) as the bytes come
+        with requests.post(srv.url + "/v1/generate", json=body, stream=True, timeout=30) as r:
+            pending = b""
+            for chunk in r.iter_content(chunk_size=None):
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                arrivals += [(time.monotonic() - sent, json.loads(line)) for line in lines if line]
+        assert [e["type"] for _, e in arrivals] == ["start"] + ["token"] * 60 + ["done"]
+        start, tokens = arrivals[0][0], [t for t, event in arrivals if event["type"] == "token"]
+        assert tokens[0] - start < 0.1                          # the first token is not held
+        assert tokens[1] - tokens[0] > 0.2                      # the next ones wait out the interval …
+        assert tokens[-1] - tokens[1] < 0.1                     # … and come together
