@@ -15,6 +15,10 @@ Measurements (A and B alternate, repetition after repetition; medians are compar
    same number of new tokens (EOS disabled on both sides), wall time from prompt to last token on
    both sides. The baseline is HF's faster of its eager and sdpa attention. As a sanity check the
    two token streams are compared (they agree token for token unless two logits nearly tie).
+   A third contender bounds what any f32 decoder can reach here: the same number of passes of
+   one vector-matrix product per weight matrix and nothing else ("weights alone"). Where the
+   weights outgrow the caches, that is the memory bandwidth's floor, and HF time / that floor is
+   the largest ratio possible on this machine.
 2. KV-cached vs full-recompute decode at ~1,024 tokens of context (bench model): the engine's
    time per decode step (between its Token events) against re-running the model over the whole
    sequence for every new token (what a server without a cache does).
@@ -107,18 +111,45 @@ def decode_vs_hf(name: str, directory: Path, *, tokens: int, reps: int) -> Row:
             outputs[impl] = out[0, len(prompt):].tolist()
         return run
 
-    t = interleaved({"ours": ours, "eager": theirs("eager"), "sdpa": theirs("sdpa")}, reps=reps)
+    reads = weight_reads(model)
+    t = interleaved({"ours": ours, "eager": theirs("eager"), "sdpa": theirs("sdpa"),
+                     "weights": lambda: reads() * tokens}, reps=reps)
     for impl in ("eager", "sdpa"):
         assert len(outputs[impl]) == tokens, f"HF {impl} made {len(outputs[impl])} tokens, not {tokens}"
     assert len(outputs["ours"]) == tokens
     best = min(("eager", "sdpa"), key=t.get)
     miss = first_mismatch(outputs["ours"], outputs[best])
     same = "same tokens" if miss is None else f"tokens differ from #{miss} (near-tied logits)"
+    same += (f"; weights alone {t['weights'] / tokens * 1e3:.2f} ms/token: "
+             f"no f32 decoder here beats HF by more than {t[best] / t['weights']:.1f}×")
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     return Row(f"decode b=1, {name} ({n_params:.1f}M) vs HF generate",
                f"{tokens / t['ours']:,.0f} tok/s ({t['ours'] / tokens * 1e3:.2f} ms)",
                f"{tokens / t[best]:,.0f} tok/s ({best})",
                t[best] / t["ours"], target=5.0 if name != "bench" else 3.0, note=same)
+
+
+def weight_reads(model: Transformer):
+    """A floor for one f32 decode step at batch 1: one vector-matrix product with every weight
+    matrix of the model (the kernels the model runs), nothing else — no attention, no norms, no
+    Python between ops. A model larger than the caches streams its weights from memory once per
+    token, so this is the memory bandwidth's share of a token. Returns a function that times one
+    pass (best of three)."""
+    mats = [w for layer in model.layers
+            for w in (layer.self_attn.w_qkv, layer.self_attn.w_o, layer.mlp.w_gate_up, layer.mlp.w_down)]
+    mats.append(model.lm_head.weight.t())                          # (C, V), as the head applies it
+    inputs = [torch.randn(1, w.shape[0]) for w in mats]
+
+    def one_pass() -> float:
+        best = float("inf")
+        with torch.inference_mode():
+            for _ in range(3):
+                start = time.perf_counter()
+                for x, w in zip(inputs, mats):
+                    x @ w
+                best = min(best, time.perf_counter() - start)
+        return best
+    return one_pass
 
 
 # -- 2. KV cache vs full recompute ----------------------------------------------------------------

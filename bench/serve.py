@@ -1,14 +1,17 @@
 """End-to-end serving benchmark: the real server over HTTP, measured against the bare engine.
 
-    python bench/serve.py                 # the shipped calculator checkpoint, about 2 minutes
+    python bench/serve.py                 # the shipped calculator checkpoint, under a minute
+    python bench/serve.py --model bench   # the engine benchmark's 34M random-weight model
     python bench/serve.py --quick         # a smoke run
 
 Prints, from one run on this machine (ratios, since absolute times vary with load):
   - 1 streaming client's decode tokens/s vs the in-process engine at batch 1   (target ≥ 0.8×)
   - 32 concurrent streaming clients, aggregate tokens/s vs 1 client            (target ≥ 6×, 0 errors)
+  - for context, the bare engine's own 32 requests vs 1: the most the row above can reach
   - time to first token p50 / p99 at 1 and at 32 clients
-  - CPU the idle server burns (the engine thread sleeps when there is no work)
-All clients run in this process on asyncio + httpx, so they share the machine with the server.
+  - CPU the idle server burns (the engine task sleeps when there is no work)
+The bare engine (1 and 32 requests), 1 client and 32 clients take turns, five times; medians are
+compared. All clients run in this process on asyncio + httpx, sharing the machine with the server.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import random_checkpoint
 from model.checkpoint import load_checkpoint
 from model.engine import Engine
 from model.events import GenerationRequest
@@ -36,19 +40,26 @@ from tests.serving import CHECKPOINT, running_server
 PROMPT = "two plus three equals"
 
 
-def engine_tokens_per_second(checkpoint: Path, tokens: int, threads: int, repeats: int) -> float:
-    """Tokens/s of one request to the bare engine at batch 1 (submit to last token), best of `repeats`."""
-    torch.set_num_threads(threads)
-    model, tokenizer = load_checkpoint(checkpoint)
-    engine = Engine(model, tokenizer, max_batch=1)
-    best = 0.0
-    for _ in range(repeats + 1):                  # the first run warms up
-        request = GenerationRequest(prompt_ids=tokenizer.encode(PROMPT), max_tokens=tokens, ignore_eos=True)
+class BareEngine:
+    """The in-process engine: the baseline the server is compared with."""
+
+    def __init__(self, checkpoint: Path, threads: int, max_batch: int):
+        torch.set_num_threads(threads)
+        model, self.tokenizer = load_checkpoint(checkpoint)
+        self.engines = {1: Engine(model, self.tokenizer, max_batch=1),
+                        max_batch: Engine(model, self.tokenizer, max_batch=max_batch)}
+
+    def tokens_per_second(self, requests: int, tokens: int) -> float:
+        """`requests` requests at once, submit to last token: aggregate tokens/s."""
+        engine = self.engines[requests]
+        prompt = self.tokenizer.encode(PROMPT)
         start = time.perf_counter()
-        for _event in engine.generate(request):
-            pass
-        best = max(best, tokens / (time.perf_counter() - start))
-    return best
+        handles = [engine.submit(GenerationRequest(prompt_ids=prompt, max_tokens=tokens, ignore_eos=True))
+                   for _ in range(requests)]
+        while engine.has_work():
+            engine.step()
+        assert all(h.finished for h in handles)
+        return requests * tokens / (time.perf_counter() - start)
 
 
 async def one_stream(client: httpx.AsyncClient, url: str, tokens: int) -> tuple[float, float, int, bool]:
@@ -84,6 +95,11 @@ async def load(url: str, clients: int, tokens: int) -> dict:
             "errors": sum(not r[3] for r in results)}
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median aggregate tokens/s."""
+    return sorted(runs, key=lambda r: r["aggregate"])[len(runs) // 2]
+
+
 def percentile(sorted_values: list[float], q: float) -> float:
     index = min(len(sorted_values) - 1, round(q / 100 * (len(sorted_values) - 1)))
     return sorted_values[index]
@@ -111,34 +127,62 @@ def idle_cpu_percent(pgid: int, seconds: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, default=CHECKPOINT)
+    parser.add_argument("--model", choices=("checkpoint", "bench"), default="checkpoint",
+                        help="bench: build and serve the engine benchmark's random-weight model instead")
     parser.add_argument("--tokens", type=int, default=200, help="tokens per request")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (engine and server worker)")
     parser.add_argument("--quick", action="store_true", help="fewer tokens and repeats (a smoke run)")
-    parser.add_argument("--transport", choices=("mp", "zmq"), default="mp", help="the server's --transport")
+    parser.add_argument("--transport", choices=("mp", "zmq"), default="zmq", help="the server's --transport")
     args = parser.parse_args()
-    tokens, repeats = (40, 1) if args.quick else (args.tokens, 3)
+    tokens, repeats = (40, 1) if args.quick else (args.tokens, 5)
 
-    engine = engine_tokens_per_second(args.checkpoint, tokens, args.threads, repeats)
-    with tempfile.TemporaryDirectory() as tmp, running_server(
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.model == "bench":
+            args.checkpoint = random_checkpoint(Path(tmp) / "bench", "bench", vocab_size=8192, seed=2,
+                                                text_lines=3000 if args.quick else 20000)
+        result = measure(args, tmp, tokens, repeats)
+    report(args, tokens, *result)
+
+
+def measure(args, tmp: str, tokens: int, repeats: int) -> tuple:
+    engine = BareEngine(args.checkpoint, args.threads, args.clients)
+    engine.tokens_per_second(1, tokens)                   # warm up
+    with running_server(
             Path(tmp), "--checkpoint", str(args.checkpoint), "--max-batch", str(args.clients),
             "--threads", str(args.threads), "--transport", args.transport, "--log-level", "warning") as srv:
         idle = idle_cpu_percent(srv.proc.pid, 2.0 if args.quick else 5.0)
-        single = max((asyncio.run(load(srv.url, 1, tokens)) for _ in range(repeats)), key=lambda r: r["aggregate"])
-        many = asyncio.run(load(srv.url, args.clients, tokens))
+        asyncio.run(load(srv.url, 1, tokens))               # warm up
+        # Side by side: the bare engine with 1 and with 32 requests, 1 client, 32 clients, in
+        # turn, `repeats` times (the server idles while the engine runs here); medians compared.
+        runs: dict[str, list] = {"engine": [], "engine_many": [], "single": [], "many": []}
+        for _ in range(repeats):
+            runs["engine"].append(engine.tokens_per_second(1, tokens))
+            runs["engine_many"].append(engine.tokens_per_second(args.clients, tokens))
+            runs["single"].append(asyncio.run(load(srv.url, 1, tokens)))
+            runs["many"].append(asyncio.run(load(srv.url, args.clients, tokens)))
+    engine_tps, engine_many_tps = statistics.median(runs["engine"]), statistics.median(runs["engine_many"])
+    single, many = (median_run(runs[k]) for k in ("single", "many"))
+    many["errors"] = sum(r["errors"] for r in runs["many"])
+    return engine_tps, engine_many_tps, single, many, idle
 
+
+def report(args, tokens: int, engine_tps: float, engine_many_tps: float, single: dict, many: dict,
+           idle: float) -> None:
     rows = [
-        ("1 streaming client tok/s vs in-process engine", single["per_stream"], engine, 0.8),
+        ("1 streaming client tok/s vs in-process engine", single["per_stream"], engine_tps, 0.8),
         (f"{args.clients} clients aggregate tok/s vs 1 client", many["aggregate"], single["aggregate"], 6.0),
+        (f"(context) bare engine, {args.clients} requests vs 1", engine_many_tps, engine_tps, None),
     ]
     print(f"\nattnserve serving benchmark — {args.checkpoint.name}, {tokens} tokens/request, "
           f"{args.threads} torch threads, {os.cpu_count()} cores\n")
     print(f"{'measurement':<48} {'ours':>10} {'baseline':>10} {'ratio':>7} {'target':>7}  result")
     for name, ours, base, target in rows:
         ratio = ours / base if base else float("nan")
-        print(f"{name:<48} {ours:>10.1f} {base:>10.1f} {ratio:>6.2f}× {target:>6.1f}×  "
-              f"{'PASS' if ratio >= target else 'FAIL'}")
-    print(f"{'errors at ' + str(args.clients) + ' clients':<48} {many['errors']:>10d} {'':>10} {'':>7} {'0':>7}  "
+        verdict = "" if target is None else f"{target:>6.1f}×  {'PASS' if ratio >= target else 'FAIL'}"
+        print(f"{name:<48} {ours:>10.1f} {base:>10.1f} {ratio:>6.2f}× {verdict}")
+    errors = f"errors at {args.clients} clients (all runs)"
+    print(f"{errors:<48} {many['errors']:>10d} {'':>10} {'':>7} {'0':>7}  "
           f"{'PASS' if many['errors'] == 0 else 'FAIL'}")
     print(f"\nTTFT p50 / p99: 1 client {single['ttft_p50'] * 1e3:.1f} / {single['ttft_p99'] * 1e3:.1f} ms; "
           f"{args.clients} clients {many['ttft_p50'] * 1e3:.1f} / {many['ttft_p99'] * 1e3:.1f} ms")
