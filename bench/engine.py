@@ -173,7 +173,7 @@ def cache_vs_recompute(model: Transformer, tokenizer: Tokenizer, *, context: int
         start = time.perf_counter()
         with torch.inference_mode():
             for _ in range(recompute_tokens):
-                ids.append(int(model(torch.tensor([ids]), last_only=True).logits[0, -1].argmax()))
+                ids.append(int(model(torch.tensor([ids]), logits_at=-1).logits[0, -1].argmax()))
         recomputed[:] = ids[context:]
         return (time.perf_counter() - start) / recompute_tokens
 
@@ -270,7 +270,7 @@ class NoCaptureBlock(Block):
 
 
 class NoCaptureTransformer(Transformer):
-    def forward(self, tokens, *, positions=None, cache=None, slots=None, attn_layers=(), last_only=False):
+    def forward(self, tokens, *, positions=None, cache=None, slots=None, attn_layers=(), logits_at=None):
         # attn_layers: accepted (the engine's prefill passes its empty tuple) and ignored.
         B, T = tokens.shape
         if positions is None:
@@ -289,8 +289,10 @@ class NoCaptureTransformer(Transformer):
         for block in self.layers:
             x = block(x, cos, sin, mask, cache, at)
         x = x.view(B, T, -1)
-        if last_only:
-            x = x[:, -1:]
+        if isinstance(logits_at, int):
+            x = x[:, logits_at].unsqueeze(1)
+        elif logits_at is not None:
+            x = x[torch.arange(B, device=x.device), logits_at].unsqueeze(1)
         return ModelOutput(self.lm_head(self.norm(x)))
 
 

@@ -6,7 +6,8 @@
 
 Each `step()`:
   1. applies cancellations (their slots are free for this very step);
-  2. admits waiting requests into free slots, FIFO: prefill the prompt, sample the first token;
+  2. admits waiting requests into free slots, FIFO, and prefills their prompts — together, in
+     batches of similar lengths — sampling each one's first token;
   3. runs ONE batched decode step over every request that was already running, each slot at
      its own position, and samples one token per row;
   4. turns tokens into events: text deltas (incremental detokenization, stop strings withheld
@@ -46,6 +47,8 @@ from model.sampling import MAX_LOGPROBS, Sampled, SamplingBatch, sample
 from model.stops import StopMatcher
 from model.tokenizer import Tokenizer
 from model.transformer import Transformer
+
+PREFILL_TOKENS = 4096   # padded prompt tokens per prefill forward (attention capture makes B·T² weights)
 
 
 class Handle:
@@ -197,8 +200,8 @@ class Engine:
             touched.append(self._finish(seq, "cancelled"))
 
         running = list(self._active)                  # decode only those that ran before this step
-        for seq in admitted:
-            touched.append(self._prefill(seq))
+        for group in _prefill_groups(admitted):
+            touched.extend(self._prefill(group))
         if running:
             touched.extend(self._decode(running))
         return touched
@@ -217,29 +220,43 @@ class Engine:
             seq.handle.finished = True
         return [s.handle for s in seqs]
 
-    def _prefill(self, seq: _Sequence) -> Handle:
-        seq.slot = heapq.heappop(self._free)
-        seq.admitted = time.perf_counter()
-        prompt = seq.request.prompt_ids
-        T = len(prompt)
-        out = self.model(torch.tensor([prompt], device=self.device),
-                         positions=torch.arange(T, device=self.device)[None], cache=self.cache,
-                         slots=slice(seq.slot, seq.slot + 1), attn_layers=seq.layers, last_only=True)
-        seq.length = T
-        self._active.append(seq)
+    def _prefill(self, seqs: list[_Sequence]) -> list[Handle]:
+        """Prefill these prompts in one forward, right-padded to the longest, and sample each one's
+        first token. Padding writes keys and values past a prompt's end in its slot, where nothing
+        reads them (a query sees keys up to its own position) and decoding overwrites them."""
+        now = time.perf_counter()
+        for seq in seqs:
+            seq.slot = heapq.heappop(self._free)
+            seq.admitted = now
+        lengths = [len(s.request.prompt_ids) for s in seqs]
+        T = max(lengths)
+        tokens = torch.tensor([s.request.prompt_ids + [0] * (T - n) for s, n in zip(seqs, lengths)],
+                              device=self.device)                                     # (B, T)
+        positions = torch.arange(T, device=self.device).expand(len(seqs), T)
+        slots = self._slot_index([s.slot for s in seqs])
+        layers = sorted({layer for s in seqs for layer in s.layers})
+        out = self.model(tokens, positions=positions, cache=self.cache, slots=slots, attn_layers=layers,
+                         logits_at=torch.tensor(lengths, device=self.device) - 1)
+        for seq, n in zip(seqs, lengths):
+            seq.length = n
+            if seq.wants_penalties:
+                self._reset_penalty_state(seq)
+        self._active.extend(seqs)
         self._active.sort(key=lambda s: s.slot)
-        if seq.wants_penalties:
-            self._reset_penalty_state(seq)
-        spec = seq.request.attention
-        weights = _select_heads(out.attentions, seq.layers, spec, row=0) if spec else None  # (L, H, T, T)
-        seq.handle.events.append(Started(
-            request_id=seq.request.request_id, prompt_ids=list(prompt),
-            prompt_attention=weights if spec and spec.include_prompt else None,
-            queue_time=seq.admitted - seq.submitted))
-        sampled = self._sample(out.logits[:, -1], [seq])
-        first_row = weights[:, :, -1] if weights is not None else None                      # (L, H, T)
-        self._on_token(seq, int(sampled.token_ids[0]), sampled, 0, first_row)
-        return seq.handle
+        sampled = self._sample(out.logits[:, -1], seqs)
+        token_ids = sampled.token_ids.tolist()
+        for row, (seq, n) in enumerate(zip(seqs, lengths)):
+            spec = seq.request.attention
+            weights = None
+            if spec is not None:                                                    # (L, H, n, n)
+                weights = _select_heads(out.attentions, seq.layers, spec, row=row)[:, :, :n, :n]
+            seq.handle.events.append(Started(
+                request_id=seq.request.request_id, prompt_ids=list(seq.request.prompt_ids),
+                prompt_attention=weights if spec and spec.include_prompt else None,
+                queue_time=seq.admitted - seq.submitted))
+            first_row = weights[:, :, -1] if weights is not None else None            # (L, H, n)
+            self._on_token(seq, token_ids[row], sampled, row, first_row)
+        return [s.handle for s in seqs]
 
     def _decode(self, running: list[_Sequence]) -> list[Handle]:
         if running == self._step_seqs:
@@ -248,10 +265,7 @@ class Engine:
             tokens = self._next_tokens
             self._positions += 1
         else:
-            slot_ids = [s.slot for s in running]
-            first, B = slot_ids[0], len(running)
-            self._slots = (slice(first, first + B) if slot_ids == list(range(first, first + B))
-                           else torch.tensor(slot_ids, device=self.device))
+            self._slots = self._slot_index([s.slot for s in running])
             tokens = torch.tensor([[s.last_token] for s in running], device=self.device)   # (B, 1)
             self._positions = torch.tensor([[s.length] for s in running], device=self.device)  # (B, 1)
             self._step_layers = sorted({layer for s in running for layer in s.layers})
@@ -270,6 +284,13 @@ class Engine:
                 rows = rows[:, :, 0, : seq.length]                                      # (L, H, S)
             self._on_token(seq, token_ids[row], sampled, row, rows)
         return [s.handle for s in running]
+
+    def _slot_index(self, slot_ids: list[int]) -> slice | Tensor:
+        """A slice where the slots are consecutive (the cache reads them as a view), else a tensor."""
+        first, n = slot_ids[0], len(slot_ids)
+        if slot_ids == list(range(first, first + n)):
+            return slice(first, first + n)
+        return torch.tensor(slot_ids, device=self.device)
 
     def _sample(self, logits: Tensor, seqs: list[_Sequence]) -> Sampled:
         if seqs != self._batch_seqs:                           # identity, as in _decode
@@ -356,6 +377,24 @@ class Engine:
         if seed is None:
             return None
         return torch.Generator(device=self.device).manual_seed(seed)
+
+
+def _prefill_groups(seqs: list[_Sequence]) -> list[list[_Sequence]]:
+    """Split the admitted sequences into prefill batches, shortest prompts first: padding never
+    makes up more than half of a batch's tokens (one long prompt is not padded 32 times), and a
+    batch holds at most PREFILL_TOKENS padded tokens unless one prompt alone is longer."""
+    groups: list[list[_Sequence]] = []
+    real = 0                                        # the last group's prompt tokens
+    for seq in sorted(seqs, key=lambda s: len(s.request.prompt_ids)):
+        n = len(seq.request.prompt_ids)             # the longest so far: the padded length
+        padded = (len(groups[-1]) + 1) * n if groups else 0
+        if groups and padded <= 2 * (real + n) and padded <= PREFILL_TOKENS:
+            groups[-1].append(seq)
+            real += n
+        else:
+            groups.append([seq])
+            real = n
+    return groups
 
 
 def _select_heads(weights: dict[int, Tensor], layers: tuple[int, ...], spec: AttentionSpec,

@@ -41,7 +41,7 @@ def _greedy(model: Transformer, cache, tokens: torch.Tensor, max_new_tokens: int
     B, T = tokens.shape
     slots = slice(0, B)
     positions = torch.arange(T).expand(B, T)
-    logits = model(tokens, positions=positions, cache=cache, slots=slots, last_only=True).logits
+    logits = model(tokens, positions=positions, cache=cache, slots=slots, logits_at=-1).logits
     out = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool)
     for step in range(max_new_tokens):

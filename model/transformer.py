@@ -83,7 +83,7 @@ class Block(nn.Module):
 
 @dataclass
 class ModelOutput:
-    logits: Tensor                                          # (B, T, V), or (B, 1, V) with last_only
+    logits: Tensor                                          # (B, T, V), or (B, 1, V) with logits_at
     attentions: dict[int, Tensor] = field(default_factory=dict)  # layer → (B, nh, T, S) weights
 
 
@@ -140,7 +140,7 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: Tensor, *, positions: Tensor | None = None,
                 cache: KVCache | None = None, slots: Slots | None = None,
-                attn_layers: Collection[int] = (), last_only: bool = False) -> ModelOutput:
+                attn_layers: Collection[int] = (), logits_at: int | Tensor | None = None) -> ModelOutput:
         """tokens (B, T) → logits.
 
         Without a cache: a full causal forward over positions 0 … T-1 (training, recompute).
@@ -148,6 +148,8 @@ class Transformer(nn.Module):
         row; their keys/values are written into `slots` (B rows) and each query attends to its
         slot's keys 0 … its position.
         `attn_layers`: layers whose post-softmax weights to return (explicit path there).
+        `logits_at`: compute logits at one position per row only — an int for the same position in
+        every row (-1: the last), or a (B,) tensor (rows right-padded to different lengths).
         """
         B, T = tokens.shape
         if positions is None:
@@ -173,8 +175,10 @@ class Transformer(nn.Module):
             if weights is not None:
                 attentions[i] = weights
         x = x.view(B, T, -1)                                      # (B, T, C)
-        if last_only:
-            x = x[:, -1:]
+        if isinstance(logits_at, int):
+            x = x[:, logits_at].unsqueeze(1)                      # (B, 1, C)
+        elif logits_at is not None:
+            x = x[torch.arange(B, device=x.device), logits_at].unsqueeze(1)
         return ModelOutput(self.lm_head(self.norm(x)), attentions)
 
     @property

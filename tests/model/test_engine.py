@@ -199,6 +199,44 @@ def test_prompt_attention_and_first_row(model, tokenizer):
     assert no_prompt[0].prompt_attention is None and no_prompt[1].attention is not None
 
 
+def forward_shapes(model, work) -> list[tuple[int, int]]:
+    """The (B, T) token shapes of every model forward that `work()` runs."""
+    shapes = []
+    hook = model.register_forward_hook(lambda module, args, out: shapes.append(tuple(args[0].shape)))
+    try:
+        work()
+    finally:
+        hook.remove()
+    return shapes
+
+
+def test_prompts_admitted_together_are_prefilled_in_one_forward_as_if_alone(model, tokenizer):
+    spec = AttentionSpec(layers="all", heads="all")
+    prompts = ["two plus", "forty two minus", "café café"]
+    requests = [request(tokenizer, p, max_tokens=4, logprobs=2, attention=spec) for p in prompts]
+    lengths = [len(r.prompt_ids) for r in requests]
+    assert len(set(lengths)) > 1                                     # right padding is exercised
+    engine = Engine(model, tokenizer, max_batch=3)
+    handles = [engine.submit(r) for r in requests]
+    assert forward_shapes(model, engine.step) == [(3, max(lengths))]  # one prefill for all three
+    while not all(h.finished for h in handles):
+        engine.step()
+    for handle, req in zip(handles, requests):
+        together, alone = list(handle.events), list(Engine(model, tokenizer, max_batch=1).generate(req))
+        assert torch.allclose(together[0].prompt_attention, alone[0].prompt_attention, atol=1e-5)
+        for a, b in zip(together[1:-1], alone[1:-1], strict=True):
+            assert a.id == b.id and abs(a.logprob - b.logprob) < 1e-4
+            assert torch.allclose(a.attention, b.attention, atol=1e-5)
+
+
+def test_a_long_prompt_is_not_padded_together_with_short_ones(model, tokenizer):
+    short, long = tokenizer.encode("two"), tokenizer.encode("two plus three equals five " * 3)
+    engine = Engine(model, tokenizer, max_batch=3)
+    for ids in (short, long, short):
+        engine.submit(GenerationRequest(prompt_ids=ids, max_tokens=2))
+    assert forward_shapes(model, engine.step) == [(2, len(short)), (1, len(long))]
+
+
 def test_no_attention_asked_means_none_computed(model, tokenizer):
     events = list(Engine(model, tokenizer).generate(request(tokenizer, "two", max_tokens=3)))
     assert events[0].prompt_attention is None and all(e.attention is None for e in events[1:-1])
