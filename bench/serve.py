@@ -35,6 +35,7 @@ from bench.common import random_checkpoint
 from model.checkpoint import load_checkpoint
 from model.engine import Engine
 from model.events import GenerationRequest
+from server.settings import Settings
 from tests.serving import CHECKPOINT, running_server
 
 PROMPT = "two plus three equals"
@@ -131,11 +132,13 @@ def main() -> None:
                         help="bench: build and serve the engine benchmark's random-weight model instead")
     parser.add_argument("--tokens", type=int, default=200, help="tokens per request")
     parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (engine and server worker)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of the bare engine and the server's worker (default: the server's)")
     parser.add_argument("--quick", action="store_true", help="fewer tokens and repeats (a smoke run)")
     parser.add_argument("--transport", choices=("mp", "zmq"), default="zmq", help="the server's --transport")
     args = parser.parse_args()
     tokens, repeats = (40, 1) if args.quick else (args.tokens, 5)
+    args.threads = args.threads or Settings().torch_threads
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.model == "bench":

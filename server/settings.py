@@ -6,6 +6,7 @@ Precedence: a CLI flag, then the environment variable, then the default.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -38,11 +39,24 @@ class Settings(BaseSettings):
     device: Literal["cpu", "cuda"] = "cpu"
     transport: Literal["zmq", "mp"] = Field(
         "zmq", description="worker → HTTP transport: ZMQ (default) or LitServe's multiprocessing-manager queues")
-    threads: int | None = Field(None, ge=1, description="torch threads per worker (default: usable cores / workers)")
+    threads: int | None = Field(None, ge=1, description="torch threads per worker "
+                                "(default: the usable cores less one per HTTP process, shared by the workers)")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins (none by default)")
     max_body_bytes: int = Field(4_000_000, ge=1024, description="largest request body; larger gets 413")
     metrics_dir: Path | None = Field(None, description="prometheus multiprocess directory (default: a temp dir)")
+
+    @property
+    def torch_threads(self) -> int:
+        """`threads`, or the CPUs this process may use (a container's cpuset, not the host's count)
+        less one for each HTTP process, shared by the workers. The HTTP processes need a core of
+        their own: an OpenMP thread spin-waits between parallel regions, so a worker with a thread
+        on every core takes the CPU the HTTP side needs to send its tokens, and any core taken
+        from the worker stalls each of its parallel regions."""
+        if self.threads:
+            return self.threads
+        http = self.api_servers or self.workers
+        return max(1, (len(os.sched_getaffinity(0)) - http) // self.workers)
 
     @property
     def served_model_name(self) -> str:

@@ -66,8 +66,7 @@ class EngineAPI(ls.LitAPI):
 
     def setup(self, device: str) -> None:
         settings = self.settings
-        # The CPUs this process may run on (a container's cpuset), not the host's count.
-        threads = settings.threads or max(1, len(os.sched_getaffinity(0)) // settings.workers)
+        threads = settings.torch_threads
         torch.set_num_threads(threads)
         model, tokenizer = load_checkpoint(settings.checkpoint, device=device)
         engine = Engine(model, tokenizer, max_batch=settings.max_batch, max_context=settings.max_context,
