@@ -30,6 +30,9 @@ from typing import Any
 
 import litserve as ls
 import torch
+from litserve.loops.base import _SENTINEL_VALUE
+from litserve.loops.streaming_loops import StreamingLoop
+from litserve.utils import LitAPIStatus, LoopResponseType
 
 from model.checkpoint import load_checkpoint
 from model.engine import Engine, Handle
@@ -55,9 +58,46 @@ FLUSH = "_flush"                      # a no-op request (see EngineAPI.setup)
 WORKER_PID = "_worker_pid"             # internal field of the start event, removed before it is sent
 
 
+class EngineLoop(StreamingLoop):
+    """LitServe's async streaming loop, taking requests in on a thread of its own.
+
+    LitServe's loop takes one request at a time through `run_in_executor(request_queue.get)`, and
+    every hand-off waits for the event loop, which the engine task holds for a whole step: with a
+    34M-parameter model (30 ms steps at batch 32) a burst of 32 requests took 32 steps to get in.
+    Here a thread blocks on the queue and passes each request to the loop as it arrives, so all
+    that arrived during a step start right after it, and the next step prefills them together."""
+
+    def run_streaming_loop_async(self, lit_api, request_queue, transport, callback_runner) -> None:
+        async def serve() -> None:
+            loop, arrivals = asyncio.get_running_loop(), asyncio.Queue()
+
+            def intake() -> None:
+                while True:
+                    item = request_queue.get()
+                    loop.call_soon_threadsafe(arrivals.put_nowait, item)
+                    if item == _SENTINEL_VALUE:
+                        return
+
+            threading.Thread(target=intake, name="intake", daemon=True).start()
+            tasks: set[asyncio.Task] = set()
+            while (item := await arrivals.get()) != _SENTINEL_VALUE:
+                response_queue_id, uid, _, _ = item
+                self.put_response(transport, response_queue_id, uid, (), LitAPIStatus.START,
+                                  LoopResponseType.STREAMING)
+                task = asyncio.create_task(self._process_streaming_request(item, lit_api, transport,
+                                                                           callback_runner))
+                tasks.add(task)                    # (the loop keeps only weak references to tasks)
+                task.add_done_callback(tasks.discard)
+
+        try:
+            asyncio.new_event_loop().run_until_complete(serve())
+        except KeyboardInterrupt:
+            self.kill()
+
+
 class EngineAPI(ls.LitAPI):
     def __init__(self, settings: Settings, cancel_readers: list):
-        super().__init__(api_path=INTERNAL_PATH, stream=True, enable_async=True)
+        super().__init__(api_path=INTERNAL_PATH, stream=True, enable_async=True, loop=EngineLoop())
         self.settings = settings
         self.cancel_readers = cancel_readers
         self.runner: EngineRunner | None = None
@@ -76,9 +116,8 @@ class EngineAPI(ls.LitAPI):
         self.runner = EngineRunner(engine, metrics, self.cancel_readers[worker], settings)
         self.runner.start()
         if self.restarted and self.request_queue is not None:
-            # LitServe 0.2.19's worker waits with `request_queue.get(1.0)` — block=1.0, no timeout —
-            # so a killed worker leaves a get() pending in the queue's manager that would swallow
-            # the next request. Feed it a no-op first.
+            # A killed worker leaves its get() pending in the request queue's manager, which
+            # would swallow the next request. Feed it a no-op first.
             self.request_queue.put((0, f"flush-{os.getpid()}", time.monotonic(), {FLUSH: True}))
         log.info("worker %d ready: %s on %s, %d threads, %d slots × %d context", worker,
                  settings.checkpoint, device, threads, engine.max_batch, engine.max_context)
