@@ -34,6 +34,14 @@ MAX_EXAMPLES = 30          # per operation in the random phase; the coverage pha
 
 
 @pytest.fixture(scope="module")
+def stream_server(tmp_path_factory):
+    """The model's whole context (512): random prompts fit, so most drawn requests stream."""
+    with running_server(tmp_path_factory.mktemp("fuzz-streams"), "--max-request-seconds", "10",
+                        "--max-batch", "4") as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory):
     with running_server(tmp_path_factory.mktemp("fuzz"), "--max-context", "64", "--max-request-seconds", "10",
                         "--max-batch", "4") as srv:
@@ -95,14 +103,17 @@ def test_no_5xx_and_every_response_matches_its_schema(fuzz_server):
 
 
 @pytest.mark.parametrize("path", ["/v1/generate", "/v1/completions", "/v1/chat/completions"])
-def test_streams_of_random_valid_requests_match_their_schemas(fuzz_server, path):
+def test_streams_of_random_valid_requests_match_their_schemas(stream_server, path):
     """The phases above rarely ask for a stream; here every request drawn from the schema does.
     (422 remains possible: rules across fields, such as one truncation knob at a time, are the
-    server's, not the schema's.)"""
+    server's, not the schema's; and 400 for a prompt over the context.)"""
+    fuzz_server = stream_server
     operation = schemathesis.openapi.from_url(fuzz_server.url + "/openapi.json")[path]["POST"]
     statuses = []
 
-    # derandomize: the same 25 requests every run, so the share of 200s below is not luck.
+    # derandomize: 25 requests that do not change from run to run — though what else the test
+    # process has imported can change them: with a 64-token context as few as 5 streamed, with the
+    # whole context 12 to 25 (the rest 422s), hence at least 8 below.
     @settings(max_examples=25, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
     @given(st.data())
@@ -115,4 +126,4 @@ def test_streams_of_random_valid_requests_match_their_schemas(fuzz_server, path)
         statuses.append(response.status_code)
 
     run()
-    assert set(statuses) <= {200, 400, 422} and statuses.count(200) >= 10, statuses
+    assert set(statuses) <= {200, 400, 422} and statuses.count(200) >= 8, statuses
