@@ -241,9 +241,10 @@ def capture_cost(name: str, model: Transformer, tokenizer: Tokenizer, *, tokens:
 # -- 5. capture off vs a build without the feature ------------------------------------------------
 # The engine and model as shipped, minus every line that exists only for attention capture: the
 # `attn_layers` / `need_weights` arguments and checks, the attentions dict, the per-row attention
-# checks and layer set in the decode step. Everything else is the shipped code, copied: keep these
-# in step with model/attention.py, model/transformer.py and Engine._decode (the run checks that
-# both builds produce identical logits and tokens).
+# checks and layer set in the decode step. The model's shared set-up and head are the shipped
+# methods (Transformer._prepare / _logits); the rest is the shipped code, copied: keep it in step
+# with model/attention.py, Transformer.forward and Engine._decode (the run checks that both
+# builds produce identical logits and tokens).
 class NoCaptureAttention(Attention):
     def forward(self, x, cos, sin, *, residual, mask=None, cache=None, at=None):
         B, T = cos.shape[:2]
@@ -273,27 +274,11 @@ class NoCaptureTransformer(Transformer):
     def forward(self, tokens, *, positions=None, cache=None, slots=None, attn_layers=(), logits_at=None):
         # attn_layers: accepted (the engine's prefill passes its empty tuple) and ignored.
         B, T = tokens.shape
-        if positions is None:
-            positions = torch.arange(T, device=tokens.device).expand(B, T)
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-        at, mask = None, None
-        if cache is not None:
-            kv_len = int(positions.max()) + 1
-            if kv_len > cache.max_context:
-                raise ValueError(f"position {kv_len - 1} is beyond max_context={cache.max_context}")
-            if not (kv_len == T or (B == 1 and T == 1)):
-                keys = torch.arange(kv_len, device=tokens.device)
-                mask = (keys <= positions.unsqueeze(-1)).unsqueeze(1)
-            at = cache.index(slots, positions, kv_len)
+        cos, sin, mask, at = self._prepare(tokens, positions, cache, slots)
         x = self.embed_tokens(tokens.reshape(B * T))
         for block in self.layers:
             x = block(x, cos, sin, mask, cache, at)
-        x = x.view(B, T, -1)
-        if isinstance(logits_at, int):
-            x = x[:, logits_at].unsqueeze(1)
-        elif logits_at is not None:
-            x = x[torch.arange(B, device=x.device), logits_at].unsqueeze(1)
-        return ModelOutput(self.lm_head(self.norm(x)))
+        return ModelOutput(self._logits(x.view(B, T, -1), logits_at))
 
 
 class NoCaptureEngine(Engine):

@@ -152,34 +152,45 @@ class Transformer(nn.Module):
         every row (-1: the last), or a (B,) tensor (rows right-padded to different lengths).
         """
         B, T = tokens.shape
-        if positions is None:
-            if cache is not None:
-                raise ValueError("the cache path needs explicit positions")
-            positions = torch.arange(T, device=tokens.device).expand(B, T)
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, 1, hs)
-        at, mask = None, None
-        if cache is not None:
-            kv_len = int(positions.max()) + 1
-            if kv_len > cache.max_context:
-                raise ValueError(f"position {kv_len - 1} is beyond the cache's max_context={cache.max_context}")
-            # No mask where every row's queries are the last T of the kv_len keys (see
-            # model/attention.py): a prompt from position 0, or one row's next token.
-            if not (kv_len == T or (B == 1 and T == 1)):
-                keys = torch.arange(kv_len, device=tokens.device)
-                mask = (keys <= positions.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, S): causal per row
-            at = cache.index(slots, positions, kv_len)
+        cos, sin, mask, at = self._prepare(tokens, positions, cache, slots)
         x = self.embed_tokens(tokens.reshape(B * T))              # (B·T, C): one row per token
         attentions = {}
         for i, block in enumerate(self.layers):
             x, weights = block(x, cos, sin, mask, cache, at, i in attn_layers)
             if weights is not None:
                 attentions[i] = weights
-        x = x.view(B, T, -1)                                      # (B, T, C)
+        return ModelOutput(self._logits(x.view(B, T, -1), logits_at), attentions)
+
+    def _prepare(self, tokens: Tensor, positions: Tensor | None, cache: KVCache | None,
+                 slots: Slots | None) -> tuple[Tensor, Tensor, Tensor | None, CacheIndex | None]:
+        """What every layer shares: RoPE tables for the positions (B, T, 1, hs), the mask (None
+        where causal attention needs none) and, with a cache, where keys/values go."""
+        B, T = tokens.shape
+        if positions is None:
+            if cache is not None:
+                raise ValueError("the cache path needs explicit positions")
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        if cache is None:
+            return cos, sin, None, None
+        kv_len = int(positions.max()) + 1
+        if kv_len > cache.max_context:
+            raise ValueError(f"position {kv_len - 1} is beyond the cache's max_context={cache.max_context}")
+        # No mask where every row's queries are the last T of the kv_len keys (see
+        # model/attention.py): a prompt from position 0, or one row's next token.
+        mask = None
+        if not (kv_len == T or (B == 1 and T == 1)):
+            keys = torch.arange(kv_len, device=tokens.device)
+            mask = (keys <= positions.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, S): causal per row
+        return cos, sin, mask, cache.index(slots, positions, kv_len)
+
+    def _logits(self, x: Tensor, logits_at: int | Tensor | None) -> Tensor:
+        """x (B, T, C) → logits (B, T, V), or (B, 1, V) at `logits_at` (see `forward`)."""
         if isinstance(logits_at, int):
-            x = x[:, logits_at].unsqueeze(1)                      # (B, 1, C)
+            x = x[:, logits_at].unsqueeze(1)
         elif logits_at is not None:
-            x = x[torch.arange(B, device=x.device), logits_at].unsqueeze(1)
-        return ModelOutput(self.lm_head(self.norm(x)), attentions)
+            x = x[torch.arange(x.shape[0], device=x.device), logits_at].unsqueeze(1)
+        return self.lm_head(self.norm(x))
 
     @property
     def num_parameters(self) -> int:
