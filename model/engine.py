@@ -235,8 +235,9 @@ class Engine:
         positions = torch.arange(T, device=self.device).expand(len(seqs), T)
         slots = self._slot_index([s.slot for s in seqs])
         layers = sorted({layer for s in seqs for layer in s.layers})
+        last = -1 if min(lengths) == T else torch.tensor(lengths, device=self.device) - 1   # (B,)
         out = self.model(tokens, positions=positions, cache=self.cache, slots=slots, attn_layers=layers,
-                         logits_at=torch.tensor(lengths, device=self.device) - 1)
+                         logits_at=last)
         for seq, n in zip(seqs, lengths):
             seq.length = n
             if seq.wants_penalties:
