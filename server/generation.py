@@ -30,7 +30,6 @@ from server.metrics import Metrics
 from server.worker import WORKER_PID
 
 LIVENESS_CHECK_SECONDS = 1.0   # how often a waiting stream checks that its worker process is alive
-TOKEN_LINE = '{"type":"token"'  # how the worker's token events begin (compact json.dumps, "type" first)
 
 ERROR_STATUS = {"context_length_exceeded": 400, "invalid_request": 400, "attention_payload_too_large": 400,
                 "overloaded": 429, "cancelled": 499, "timeout": 504, "internal_error": 500}
@@ -145,17 +144,16 @@ class EventStream:
 
     async def _iterate(self, *, parsed: bool):
         try:
-            if self._first is not None:
-                (line, event), self._first = self._first, None
-                yield event if parsed else line
-            while not self._ended:
-                line, event = await self._next()
-                if event is None:          # a token
-                    yield json.loads(line) if parsed else line
-                    continue
-                if event["type"] == "error":   # (an error first event is not here: it became open's ApiError)
+            first, self._first = self._first, None
+            while first is not None or not self._ended:
+                line, event = first or await self._next()
+                first = None
+                if event is not None and event["type"] == "error":   # (never the first: open raised it)
                     self.dispatcher.metrics.error(event["error"]["type"])
-                yield event if parsed else line
+                if not parsed:
+                    yield line
+                else:
+                    yield event if event is not None else json.loads(line)   # (None: a token)
         finally:
             await self.aclose()
 
@@ -164,7 +162,7 @@ class EventStream:
         if not self._pending:
             self._pending.extend(await self._receive())
         line = self._pending.popleft()
-        if line.startswith(TOKEN_LINE):
+        if line.startswith(native.TOKEN_LINE):
             if not self._seen_token:
                 self._seen_token = True
                 self.dispatcher.metrics.ttft.observe(time.perf_counter() - self.arrived)
@@ -173,7 +171,7 @@ class EventStream:
         kind = event["type"]
         if kind == "start" and WORKER_PID in event:
             self._worker_pid = event.pop(WORKER_PID)
-            line = _line(event)
+            line = native.line(event)
         if kind in ("done", "error"):
             self._ended = True
         return line, event
@@ -184,8 +182,8 @@ class EventStream:
         while True:
             remaining = self.deadline - time.perf_counter()
             if remaining <= 0:
-                return [_line(native.error_event("timeout", "the request ran past the server's limit of "
-                                                 f"{self.dispatcher.max_request_seconds:g} s"))]
+                return [_error_line("timeout", "the request ran past the server's limit of "
+                                    f"{self.dispatcher.max_request_seconds:g} s")]
             if item.response_queue:
                 break
             item.event.clear()
@@ -195,11 +193,11 @@ class EventStream:
             except TimeoutError:
                 if self._worker_pid is not None and not _alive(self._worker_pid):
                     # LitServe restarts a dead worker but never ends the streams it was serving.
-                    return [_line(native.error_event("internal_error", "the inference worker died; "
-                                                     "the server is restarting it, retry shortly"))]
+                    return [_error_line("internal_error", "the inference worker died; "
+                                        "the server is restarting it, retry shortly")]
         data, status = item.response_queue.popleft()
         if status != LitAPIStatus.OK:  # finished or failed without a last event: LitServe's silent error
-            return [_line(native.error_event("internal_error", "the inference worker stopped before finishing"))]
+            return [_error_line("internal_error", "the inference worker stopped before finishing")]
         return data.splitlines()
 
     async def aclose(self) -> None:
@@ -215,5 +213,5 @@ class EventStream:
             self._buffer.pop(self._uid, None)
 
 
-def _line(event: dict) -> str:
-    return json.dumps(event, separators=(",", ":"), ensure_ascii=False)
+def _error_line(error_type: str, message: str) -> str:
+    return native.line(native.error_event(error_type, message))

@@ -8,12 +8,20 @@ chunks. Attention tensors become nested lists here: [layer][head][key] per token
 
 from __future__ import annotations
 
+import json
+
 from torch import Tensor
 
 from model.events import Failed, Finished, Started, Token
 from model.tokenizer import Tokenizer
 
 DECIMALS = 5  # attention probabilities are rounded: rows still sum to 1 ± 1e-4
+TOKEN_LINE = '{"type":"token"'  # how `line` writes a token event: the HTTP side passes those through
+
+
+def line(event: dict) -> str:
+    """One event as an NDJSON line (no newline): compact, "type" first, UTF-8 left as is."""
+    return json.dumps(event, separators=(",", ":"), ensure_ascii=False)
 
 
 def start_event(event: Started, tokenizer: Tokenizer, model_name: str) -> dict:

@@ -20,7 +20,6 @@ free at the next step.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import threading
@@ -147,7 +146,7 @@ class EngineAPI(ls.LitAPI):
         else:
             error = None
         if error is not None:
-            yield json.dumps(error) + "\n"
+            yield native.line(error) + "\n"
             return
         # Each message carries every event that is ready, and after the first token a stream waits
         # out the stream interval before its next message: a small model makes a token every few
@@ -166,7 +165,7 @@ class EngineAPI(ls.LitAPI):
                 while not queue.empty():
                     events.append(queue.get_nowait())
                 finished = events[-1]["type"] in ("done", "error")
-                yield "".join(json.dumps(e, separators=(",", ":"), ensure_ascii=False) + "\n" for e in events)
+                yield "".join(native.line(e) + "\n" for e in events)
                 if events[-1]["type"] == "token":
                     sent_token_at = loop.time()
         finally:
