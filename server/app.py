@@ -361,16 +361,16 @@ async def _unless_client_leaves(work: Coroutine, request: Request):
 
 
 async def _ndjson(stream: EventStream):
-    async for line in stream.lines():
-        yield (line + "\n").encode()
+    async for lines in stream.messages(parsed=False):     # one write per message, not per token
+        yield "".join(line + "\n" for line in lines).encode()
 
 
 async def _sse(stream: EventStream, formatter: OpenAIFormatter):
     failed = False
-    async for event in stream:
-        failed = event["type"] == "error"
-        for chunk in formatter.chunks(event):
-            yield sse(chunk)
+    async for events in stream.messages():
+        failed = events[-1]["type"] == "error"
+        if body := b"".join(sse(chunk) for event in events for chunk in formatter.chunks(event)):
+            yield body
     if not failed:
         yield DONE
 

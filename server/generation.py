@@ -7,9 +7,10 @@ Leaving early (client disconnect, caller stops iterating, server time limit) can
 in the worker through the cancel queues.
 
 The worker's messages are read straight from LitServe's response buffer (the entry its own
-streaming handler would make) rather than through that handler's three nested generators, and a
+streaming handler would make) rather than through that handler's three nested generators. A
 token event's NDJSON line goes out as the worker wrote it: per token, this process does a deque
-pop and a prefix check, and parses JSON only for the other events.
+pop and a prefix check, and parses JSON only for the other events; what arrived in one message
+goes out in one write.
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ class Dispatcher:
 
 class EventStream:
     """The events of one request, in order; always ends with a done or error event. Iterate it for
-    event dicts, or `lines()` for their NDJSON lines."""
+    event dicts, or `messages()` for them as they arrived together."""
 
     def __init__(self, dispatcher: Dispatcher, request_id: str, arrived: float):
         self.dispatcher, self.request_id, self.arrived = dispatcher, request_id, arrived
@@ -135,25 +136,28 @@ class EventStream:
         self._first = line, event
         return event
 
-    def __aiter__(self):
-        return self._iterate(parsed=True)
+    async def __aiter__(self):
+        async for message in self.messages():
+            for event in message:
+                yield event
 
-    def lines(self):
-        """The events as NDJSON lines (without the newline); token lines are passed through unparsed."""
-        return self._iterate(parsed=False)
-
-    async def _iterate(self, *, parsed: bool):
+    async def messages(self, *, parsed: bool = True):
+        """The events a message at a time (those the worker sent together): as dicts, or with
+        parsed=False as NDJSON lines (without newlines), token lines passed through unparsed."""
         try:
             first, self._first = self._first, None
             while first is not None or not self._ended:
-                line, event = first or await self._next()
+                message = [first or await self._next()]
                 first = None
-                if event is not None and event["type"] == "error":   # (never the first: open raised it)
-                    self.dispatcher.metrics.error(event["error"]["type"])
-                if not parsed:
-                    yield line
+                while self._pending:
+                    message.append(self._pop())
+                for _, event in message:
+                    if event is not None and event["type"] == "error":   # (never the first: open raised it)
+                        self.dispatcher.metrics.error(event["error"]["type"])
+                if parsed:
+                    yield [event if event is not None else json.loads(line) for line, event in message]
                 else:
-                    yield event if event is not None else json.loads(line)   # (None: a token)
+                    yield [line for line, _ in message]
         finally:
             await self.aclose()
 
@@ -161,6 +165,9 @@ class EventStream:
         """The next event's line, and the event parsed unless it is a token."""
         if not self._pending:
             self._pending.extend(await self._receive())
+        return self._pop()
+
+    def _pop(self) -> tuple[str, dict | None]:
         line = self._pending.popleft()
         if line.startswith(native.TOKEN_LINE):
             if not self._seen_token:

@@ -1,15 +1,18 @@
 """The inference worker: a LitServe LitAPI that owns the model, its KV cache and the engine.
 
-LitServe spawns one process per worker. In it, `enable_async=True` runs every request as an asyncio
-task (`predict`), and ONE more task on the same event loop drives `Engine.step()`: each step decodes
-all running requests together, whichever endpoint they came from (continuous batching), puts each
-request's events on its queue, and yields to the loop, which sends them while the next step waits.
-With no work the engine task sleeps on an event — no busy spin.
+LitServe spawns one process per worker. In it, ONE task on the worker's event loop drives
+`Engine.step()`: each step decodes all running requests together, whichever endpoint they came
+from (continuous batching), and sends each request's new events to its HTTP process before the
+next step. With no work the engine task sleeps on an event — no busy spin.
 
 Why a task and not a thread: PyTorch releases the GIL around every op. With the event loop on a
 second thread wanting it, a small model's decode step handed the GIL back and forth between CPUs
 op by op and took 1.3–2× as long as alone. On one thread the step runs uninterrupted and the loop's
-work (sending events, taking new requests) fits between steps.
+work (taking new requests, relaying cancels) fits between steps.
+
+Requests go from LitServe's queue straight to the engine (`EngineLoop`), and the engine task sends
+each request's messages itself: no task, queue or generator per request. A small model decodes a
+step for 32 requests in ~2 ms; per-request asyncio plumbing cost ~1 ms on top.
 
 Cancellation: the HTTP process sees a client go away; it writes the request id into this worker's
 cancel pipe (made before the processes start; a pipe, not a multiprocessing.Queue, whose lock a
@@ -20,17 +23,19 @@ free at the next step.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import litserve as ls
 import torch
-from litserve.loops.base import _SENTINEL_VALUE
-from litserve.loops.streaming_loops import StreamingLoop
+from litserve.loops.base import _SENTINEL_VALUE, LitLoop
 from litserve.utils import LitAPIStatus, LoopResponseType
 
 from model.checkpoint import load_checkpoint
@@ -57,16 +62,24 @@ FLUSH = "_flush"                      # a no-op request (see EngineAPI.setup)
 WORKER_PID = "_worker_pid"             # internal field of the start event, removed before it is sent
 
 
-class EngineLoop(StreamingLoop):
-    """LitServe's async streaming loop, taking requests in on a thread of its own.
+class EngineLoop(LitLoop):
+    """The worker's loop: requests are taken from LitServe's queue on a thread of their own and
+    handed to `EngineAPI.accept`, on the event loop, with a function that sends a message to the
+    request's HTTP process.
 
-    LitServe's loop takes one request at a time through `run_in_executor(request_queue.get)`, and
-    every hand-off waits for the event loop, which the engine task holds for a whole step: with a
-    34M-parameter model (30 ms steps at batch 32) a burst of 32 requests took 32 steps to get in.
-    Here a thread blocks on the queue and passes each request to the loop as it arrives, so all
-    that arrived during a step start right after it, and the next step prefills them together."""
+    LitServe's streaming loop takes one request at a time through `run_in_executor(queue.get)`,
+    and every hand-off waits for the event loop, which the engine task holds for a whole step:
+    with a 34M-parameter model (30 ms steps at batch 32) a burst of 32 requests took 32 steps to
+    get in. Here all that arrived during a step start right after it, and the next step prefills
+    them together. LitServe would then run decode_request → predict → encode_response as a task
+    per request and send what it yields; the engine task sends instead (see EngineRunner)."""
 
-    def run_streaming_loop_async(self, lit_api, request_queue, transport, callback_runner) -> None:
+    def pre_setup(self, lit_api, spec=None) -> None:
+        """LitServe's loops check here that predict and encode_response are generators; ours
+        does not call them."""
+
+    def __call__(self, lit_api, device, worker_id, request_queue, transport, workers_setup_status,
+                 callback_runner) -> None:
         async def serve() -> None:
             loop, arrivals = asyncio.get_running_loop(), asyncio.Queue()
 
@@ -78,15 +91,13 @@ class EngineLoop(StreamingLoop):
                         return
 
             threading.Thread(target=intake, name="intake", daemon=True).start()
-            tasks: set[asyncio.Task] = set()
             while (item := await arrivals.get()) != _SENTINEL_VALUE:
-                response_queue_id, uid, _, _ = item
+                response_queue_id, uid, _, x = item
                 self.put_response(transport, response_queue_id, uid, (), LitAPIStatus.START,
                                   LoopResponseType.STREAMING)
-                task = asyncio.create_task(self._process_streaming_request(item, lit_api, transport,
-                                                                           callback_runner))
-                tasks.add(task)                    # (the loop keeps only weak references to tasks)
-                task.add_done_callback(tasks.discard)
+                lit_api.accept(x, functools.partial(self.put_response, transport, response_queue_id, uid,
+                                                    status=LitAPIStatus.OK,
+                                                    response_type=LoopResponseType.STREAMING))
 
         try:
             asyncio.new_event_loop().run_until_complete(serve())
@@ -96,7 +107,7 @@ class EngineLoop(StreamingLoop):
 
 class EngineAPI(ls.LitAPI):
     def __init__(self, settings: Settings, cancel_readers: list):
-        super().__init__(api_path=INTERNAL_PATH, stream=True, enable_async=True, loop=EngineLoop())
+        super().__init__(api_path=INTERNAL_PATH, stream=True, loop=EngineLoop())
         self.settings = settings
         self.cancel_readers = cancel_readers
         self.runner: EngineRunner | None = None
@@ -126,55 +137,19 @@ class EngineAPI(ls.LitAPI):
         # (model loaded) is LitServe's per-worker setup status, which /health already checks.
         return True
 
-    async def decode_request(self, request: dict, context: dict) -> dict:
-        return request
-
-    async def predict(self, x: dict, context: dict):
-        """One request's native events, from submission to done (or error)."""
+    def accept(self, x: dict, send: Callable[[str], None]) -> None:
+        """Start one request (on the worker's event loop): its NDJSON messages go to `send`."""
         if x.get(FLUSH):
             return
-        runner = self.runner
         try:
-            queue = runner.submit(to_engine_request(x))
-        except ContextLengthExceeded as e:
-            error = native.error_event("context_length_exceeded", str(e), prompt_tokens=e.prompt_tokens,
-                                       max_context=e.max_context)
-        except QueueFull as e:
-            error = native.error_event("overloaded", str(e))
-        except ValueError as e:
-            error = native.error_event("invalid_request", str(e))
-        else:
-            error = None
-        if error is not None:
-            yield native.line(error) + "\n"
-            return
-        # Each message carries every event that is ready, and after the first token a stream waits
-        # out the stream interval before its next message: a small model makes a token every few
-        # hundred microseconds, and one message per token through the transport, the HTTP process
-        # and the client's parser costs more than the token. The first token goes at once; no
-        # event waits longer than the interval.
-        interval, loop = self.settings.stream_interval_ms / 1e3, asyncio.get_running_loop()
-        sent_token_at: float | None = None
-        finished = False
-        try:
-            while not finished:
-                events = [await queue.get()]
-                wait = sent_token_at + interval - loop.time() if sent_token_at is not None else 0
-                if wait > 0 and events[0]["type"] == "token":
-                    await asyncio.sleep(wait)
-                while not queue.empty():
-                    events.append(queue.get_nowait())
-                finished = events[-1]["type"] in ("done", "error")
-                yield "".join(native.line(e) + "\n" for e in events)
-                if events[-1]["type"] == "token":
-                    sent_token_at = loop.time()
-        finally:
-            if not finished:
-                runner.cancel(x["request_id"])
+            self.runner.submit(x, send)
+        except Exception as e:  # a malformed internal request: fail it, keep the worker serving
+            log.exception("request %s not accepted", x.get("request_id"))
+            send(native.line(native.error_event("internal_error", f"request not accepted: {type(e).__name__}")) + "\n")
 
-    async def encode_response(self, output, context: dict):
-        async for lines in output:
-            yield lines  # NDJSON text: LitServe sends a str unchanged, as one message
+    def predict(self, x: dict, context: dict):
+        """Unused: EngineLoop hands requests to `accept` (LitServe requires the method)."""
+        raise NotImplementedError("requests reach the engine through EngineLoop and accept()")
 
 
 def to_engine_request(x: dict[str, Any]) -> GenerationRequest:
@@ -192,16 +167,31 @@ def to_engine_request(x: dict[str, Any]) -> GenerationRequest:
                              request_id=x["request_id"])
 
 
+@dataclass(slots=True)
+class _Stream:
+    """Where one request's messages go, and its lines not yet sent."""
+
+    send: Callable[[str], None]
+    pending: list[str] = field(default_factory=list)
+    sent_token_at: float | None = None    # when a message last carried a token
+
+
 class EngineRunner:
-    """Drives the engine as a task on the worker's event loop; delivers each request's events to
-    its asyncio queue."""
+    """Drives the engine as a task on the worker's event loop and sends each request's events.
+
+    Each message carries every event of its request that is ready, and after the first token a
+    stream waits out the stream interval before its next message: a small model makes a token
+    every few hundred microseconds, and one message per token through the transport, the HTTP
+    process and the client's parser costs more than the token. The start event, the first token
+    and the last event go at once; other tokens wait at most the interval and one step."""
 
     def __init__(self, engine: Engine, metrics: Metrics, cancel_reader, settings: Settings):
         self.engine, self.metrics, self.settings = engine, metrics, settings
         self.tokenizer = engine.tokenizer
         self.model_name = settings.served_model_name
+        self.interval = settings.stream_interval_ms / 1e3
         self._cancel_reader = cancel_reader
-        self._queues: dict[str, asyncio.Queue] = {}
+        self._streams: dict[str, _Stream] = {}
         self._last_token: dict[str, float] = {}
         self._tombstones: deque[str] = deque(maxlen=TOMBSTONES)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -214,29 +204,31 @@ class EngineRunner:
         loop does not run yet when `setup` does."""
         self._cancel_thread.start()
 
-    def submit(self, request: GenerationRequest) -> asyncio.Queue:
-        """Called on the worker's event loop. Raises what Engine.submit raises."""
+    def submit(self, x: dict[str, Any], send: Callable[[str], None]) -> None:
+        """Called on the worker's event loop with the HTTP process's internal request. A request
+        the engine refuses gets its error event at once."""
         if self._task is None:
             self._loop = asyncio.get_running_loop()
             self._task = self._loop.create_task(self._run(), name="engine")
-        queue = asyncio.Queue()
-        if request.request_id in self._tombstones:    # its client left before it got here
-            queue.put_nowait(native.error_event("cancelled", "the client disconnected"))
-            return queue
-        self._queues[request.request_id] = queue
+        request_id = x["request_id"]
+        if request_id in self._tombstones:             # its client left before it got here
+            send(native.line(native.error_event("cancelled", "the client disconnected")) + "\n")
+            return
         try:
-            self.engine.submit(request)
-        except Exception:
-            del self._queues[request.request_id]
-            raise
-        self._work.set()
-        self.metrics.waiting.set(self.engine.num_waiting)
-        return queue
-
-    def cancel(self, request_id: str) -> None:
-        """Called on the worker's event loop."""
-        self.engine.cancel(request_id)
-        self._work.set()
+            self.engine.submit(to_engine_request(x))
+        except ContextLengthExceeded as e:
+            error = native.error_event("context_length_exceeded", str(e), prompt_tokens=e.prompt_tokens,
+                                       max_context=e.max_context)
+        except QueueFull as e:
+            error = native.error_event("overloaded", str(e))
+        except ValueError as e:
+            error = native.error_event("invalid_request", str(e))
+        else:
+            self._streams[request_id] = _Stream(send)
+            self._work.set()
+            self.metrics.waiting.set(self.engine.num_waiting)
+            return
+        send(native.line(error) + "\n")
 
     def _relay_cancels(self) -> None:
         while True:
@@ -264,19 +256,25 @@ class EngineRunner:
             self.metrics.running.set(engine.num_running)
             self.metrics.waiting.set(engine.num_waiting)
             self.metrics.kv_usage.set(engine.kv_usage)
-            await asyncio.sleep(0)                # the loop sends these events, takes new requests
+            await asyncio.sleep(0)                # the loop takes new requests in
 
     def _deliver(self, handles: list[Handle]) -> None:
-        """Format this step's events and put them on their requests' queues."""
+        """Format this step's events and send each request's lines that are due (see the class)."""
+        now = time.perf_counter()
         for handle in handles:
-            queue = self._queues.get(handle.request_id)
-            events = [self._format(e) for e in _drain(handle)]
+            lines = [native.line(self._format(e)) for e in _drain(handle)]
+            stream = self._streams.get(handle.request_id)
             if handle.finished:
-                self._queues.pop(handle.request_id, None)
+                self._streams.pop(handle.request_id, None)
                 self._last_token.pop(handle.request_id, None)
-            if queue is not None:
-                for event in events:
-                    queue.put_nowait(event)
+            if stream is None:
+                continue
+            stream.pending += lines
+            if handle.finished or stream.sent_token_at is None or now - stream.sent_token_at >= self.interval:
+                if stream.pending[-1].startswith(native.TOKEN_LINE):
+                    stream.sent_token_at = now
+                stream.send("\n".join(stream.pending) + "\n")
+                stream.pending.clear()
 
     def _format(self, event) -> dict:
         m, now = self.metrics, event.time
