@@ -20,6 +20,7 @@ does the same job but raises on the invalid-run case above and has no flush.)
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 from model.tokenizer import Tokenizer
@@ -107,6 +108,7 @@ class IncrementalDetokenizer:
         return self.tokenizer.is_special(token_id) or self.tokenizer.hf.id_to_token(token_id) is None
 
 
+@functools.lru_cache(maxsize=8)        # asked once per request: 256 vocabulary lookups each time
 def byte_fallback_ids(tokenizer: Tokenizer) -> frozenset[int]:
     """Ids of SentencePiece byte tokens <0x00>..<0xFF>; none in a byte-level BPE vocabulary."""
     ids = (tokenizer.hf.token_to_id(f"<0x{b:02X}>") for b in range(256))
