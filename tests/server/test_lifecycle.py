@@ -170,3 +170,19 @@ def test_stream_interval_groups_tokens_after_the_first(tmp_path):
     assert token_reads[0] - start < 0.05                      # the first token is not held
     assert len(token_reads) <= (token_reads[-1] - token_reads[0]) / 0.05 + 2   # then one per interval
     assert len(token_reads) < 40                               # (400 tokens, not 400 messages)
+
+
+def test_manager_queue_transport_streams_like_zmq(tmp_path):
+    """--transport mp (LitServe's multiprocessing-manager queues) carries the same events: a
+    stream in order, and a refusal with its status code before any byte of stream."""
+    with running_server(tmp_path, "--transport", "mp", "--max-context", "16") as srv:
+        body = {"prompt": "two plus three equals", "max_tokens": 8, "ignore_eos": True, "stream": True}
+        with requests.post(srv.url + "/v1/generate", json=body, stream=True, timeout=30) as r:
+            events = [json.loads(line) for line in r.iter_lines() if line]
+        assert r.status_code == 200
+        assert [e["type"] for e in events] == ["start"] + ["token"] * 8 + ["done"]
+        assert [e["index"] for e in events[1:-1]] == list(range(8))
+        too_long = requests.post(srv.url + "/v1/generate", timeout=30,
+                                 json={**body, "prompt": "two plus three " * 8})
+        assert too_long.status_code == 400
+        assert too_long.json()["error"]["type"] == "context_length_exceeded"
