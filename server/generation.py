@@ -168,6 +168,7 @@ class EventStream:
         return self._pop()
 
     def _pop(self) -> tuple[str, dict | None]:
+        """`_next` for a line already received."""
         line = self._pending.popleft()
         if line.startswith(native.TOKEN_LINE):
             if not self._seen_token:
