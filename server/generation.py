@@ -190,8 +190,8 @@ class EventStream:
         while True:
             remaining = self.deadline - time.perf_counter()
             if remaining <= 0:
-                return [_error_line("timeout", "the request ran past the server's limit of "
-                                    f"{self.dispatcher.max_request_seconds:g} s")]
+                return [native.error_line("timeout", "the request ran past the server's limit of "
+                                          f"{self.dispatcher.max_request_seconds:g} s")]
             if item.response_queue:
                 break
             item.event.clear()
@@ -201,11 +201,11 @@ class EventStream:
             except TimeoutError:
                 if self._worker_pid is not None and not _alive(self._worker_pid):
                     # LitServe restarts a dead worker but never ends the streams it was serving.
-                    return [_error_line("internal_error", "the inference worker died; "
-                                        "the server is restarting it, retry shortly")]
+                    return [native.error_line("internal_error", "the inference worker died; "
+                                              "the server is restarting it, retry shortly")]
         data, status = item.response_queue.popleft()
         if status != LitAPIStatus.OK:  # finished or failed without a last event: LitServe's silent error
-            return [_error_line("internal_error", "the inference worker stopped before finishing")]
+            return [native.error_line("internal_error", "the inference worker stopped before finishing")]
         return data.splitlines()
 
     async def aclose(self) -> None:
@@ -219,7 +219,3 @@ class EventStream:
         self.dispatcher.admission.leave()
         if self._buffer is not None:
             self._buffer.pop(self._uid, None)
-
-
-def _error_line(error_type: str, message: str) -> str:
-    return native.line(native.error_event(error_type, message))

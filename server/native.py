@@ -58,6 +58,10 @@ def error_event(error_type: str, message: str, **extra) -> dict:
     return {"type": "error", "error": {"type": error_type, "message": message, **extra}}
 
 
+def error_line(error_type: str, message: str, **extra) -> str:
+    return line(error_event(error_type, message, **extra))
+
+
 def failed_event(event: Failed) -> dict:
     return error_event(event.error_type, event.message)
 

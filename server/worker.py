@@ -145,7 +145,7 @@ class EngineAPI(ls.LitAPI):
             self.runner.submit(x, send)
         except Exception as e:  # a malformed internal request: fail it, keep the worker serving
             log.exception("request %s not accepted", x.get("request_id"))
-            send(native.line(native.error_event("internal_error", f"request not accepted: {type(e).__name__}")) + "\n")
+            send(native.error_line("internal_error", f"request not accepted: {type(e).__name__}") + "\n")
 
     def predict(self, x: dict, context: dict):
         """Unused: EngineLoop hands requests to `accept` (LitServe requires the method)."""
@@ -174,6 +174,7 @@ class _Stream:
     send: Callable[[str], None]
     pending: list[str] = field(default_factory=list)
     sent_token_at: float | None = None    # when a message last carried a token
+    last_token_at: float | None = None    # when the engine made the last token (for inter-token latency)
 
 
 class EngineRunner:
@@ -186,13 +187,12 @@ class EngineRunner:
     and the last event go at once; other tokens wait at most the interval and one step."""
 
     def __init__(self, engine: Engine, metrics: Metrics, cancel_reader, settings: Settings):
-        self.engine, self.metrics, self.settings = engine, metrics, settings
+        self.engine, self.metrics = engine, metrics
         self.tokenizer = engine.tokenizer
         self.model_name = settings.served_model_name
         self.interval = settings.stream_interval_ms / 1e3
         self._cancel_reader = cancel_reader
         self._streams: dict[str, _Stream] = {}
-        self._last_token: dict[str, float] = {}
         self._tombstones: deque[str] = deque(maxlen=TOMBSTONES)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._work = asyncio.Event()                   # set when a request or cancel arrives
@@ -212,23 +212,21 @@ class EngineRunner:
             self._task = self._loop.create_task(self._run(), name="engine")
         request_id = x["request_id"]
         if request_id in self._tombstones:             # its client left before it got here
-            send(native.line(native.error_event("cancelled", "the client disconnected")) + "\n")
+            send(native.error_line("cancelled", "the client disconnected") + "\n")
             return
         try:
             self.engine.submit(to_engine_request(x))
         except ContextLengthExceeded as e:
-            error = native.error_event("context_length_exceeded", str(e), prompt_tokens=e.prompt_tokens,
-                                       max_context=e.max_context)
+            send(native.error_line("context_length_exceeded", str(e), prompt_tokens=e.prompt_tokens,
+                                   max_context=e.max_context) + "\n")
         except QueueFull as e:
-            error = native.error_event("overloaded", str(e))
+            send(native.error_line("overloaded", str(e)) + "\n")
         except ValueError as e:
-            error = native.error_event("invalid_request", str(e))
+            send(native.error_line("invalid_request", str(e)) + "\n")
         else:
             self._streams[request_id] = _Stream(send)
             self._work.set()
             self.metrics.waiting.set(self.engine.num_waiting)
-            return
-        send(native.line(error) + "\n")
 
     def _relay_cancels(self) -> None:
         while True:
@@ -262,27 +260,24 @@ class EngineRunner:
         """Format this step's events and send each request's lines that are due (see the class)."""
         now = time.perf_counter()
         for handle in handles:
-            lines = [native.line(self._format(e)) for e in _drain(handle)]
-            stream = self._streams.get(handle.request_id)
+            stream = self._streams.get(handle.request_id)   # (every request the engine took has one)
             if handle.finished:
                 self._streams.pop(handle.request_id, None)
-                self._last_token.pop(handle.request_id, None)
             if stream is None:
                 continue
-            stream.pending += lines
+            stream.pending += [native.line(self._format(e, stream)) for e in _drain(handle)]
             if handle.finished or stream.sent_token_at is None or now - stream.sent_token_at >= self.interval:
                 if stream.pending[-1].startswith(native.TOKEN_LINE):
                     stream.sent_token_at = now
                 stream.send("\n".join(stream.pending) + "\n")
                 stream.pending.clear()
 
-    def _format(self, event) -> dict:
-        m, now = self.metrics, event.time
+    def _format(self, event, stream: _Stream) -> dict:
+        m = self.metrics
         if isinstance(event, Token):
-            last = self._last_token.get(event.request_id)
-            if last is not None:
-                m.itl.observe(now - last)
-            self._last_token[event.request_id] = now
+            if stream.last_token_at is not None:
+                m.itl.observe(event.time - stream.last_token_at)
+            stream.last_token_at = event.time
             return native.token_event(event, self.tokenizer)
         if isinstance(event, Started):
             m.queue_time.observe(event.queue_time)
