@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 CONFIG_FILE = "config.json"
@@ -105,10 +105,6 @@ class ModelConfig:
     def load(cls, directory: str | Path) -> ModelConfig:
         return cls.from_hf_dict(json.loads((Path(directory) / CONFIG_FILE).read_text()))
 
-    def replace(self, **changes) -> ModelConfig:
-        values = {f.name: getattr(self, f.name) for f in fields(self)} | changes
-        return ModelConfig(**values)
-
     def as_dict(self) -> dict:
         return asdict(self)
 
@@ -118,7 +114,7 @@ PRESETS: dict[str, dict] = {
     # ~0.9M parameters: the shipped word calculator.
     "calculator": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, intermediate_size=384,
                        max_context=512),
-    # ~6M parameters: the issue's reference size for engine benchmarks.
+    # ~6M parameters: a small general-text model, and the engine benchmarks' mid size.
     "small": dict(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, intermediate_size=688,
                   max_context=1024),
     # ~30M parameters: memory-bound on CPU, the engine's larger benchmark.

@@ -60,11 +60,3 @@ class KVCache(nn.Module):
         cache[at.rows, :, :, at.positions] = kv.view(B, T, 2, -1, kv.shape[-1])
         # A slice of slots is a view (no copy); an index tensor gathers its rows.
         return cache[at.slots, :, :, : at.kv_len].unbind(1)          # 2 × (B, nkv, S, hs)
-
-    def move(self, src: int, dst: int, length: int) -> None:
-        """Copy the first `length` positions of slot `src` to slot `dst` (all layers)."""
-        self.kv[:, dst, :, :, :length] = self.kv[:, src, :, :, :length]
-
-    @property
-    def nbytes(self) -> int:
-        return self.kv.numel() * self.kv.element_size()

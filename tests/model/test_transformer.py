@@ -126,17 +126,6 @@ def test_contiguous_slot_range_equals_index_tensor(model):
     assert torch.equal(outs[0], outs[1])
 
 
-def test_cache_move_carries_a_sequence_to_another_slot(model):
-    tokens = torch.randint(0, model.config.vocab_size, (9,)).tolist()
-    cache = model.new_cache(max_batch=3)
-    with torch.no_grad():
-        model(torch.tensor([tokens[:8]]), positions=torch.arange(8)[None], cache=cache, slots=torch.tensor([2]))
-        cache.move(2, 0, length=8)
-        moved = model(torch.tensor([[tokens[8]]]), positions=torch.tensor([[8]]), cache=cache, slots=torch.tensor([0]))
-        full = model(torch.tensor([tokens])).logits[0, -1]
-    assert (moved.logits[0, -1] - full).abs().max() <= 1e-5
-
-
 def test_position_beyond_cache_is_refused(model):
     cache = model.new_cache(max_batch=1, max_context=8)
     with pytest.raises(ValueError, match="max_context=8"):
