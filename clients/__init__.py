@@ -4,7 +4,7 @@
     with Client("http://127.0.0.1:8000") as client:
         print(client.generate("two plus three equals", max_tokens=8).text)   # " five"
 
-Results are the server's own Pydantic models (server/schemas.py, which imports only pydantic):
+Results are the server's own Pydantic models (server/schemas/, which imports only pydantic):
 `Completion` (a `GenerateResponse`), `StartEvent` / `TokenEvent` / `DoneEvent`, `TokenizeResponse`,
 `ModelList`. Importing this package never imports torch or LitServe.
 """

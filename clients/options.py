@@ -2,10 +2,8 @@
 request bodies built (and validated) from keyword arguments with the server's own Pydantic models.
 
 Sampling is given either as a schema object (`sampling=TopPSampling(p=0.9, temperature=0.8)`, or
-its dict) or as plain keywords, mapped exactly as the server maps OpenAI's knobs
-(`server.schemas._OpenAIRequest.sampling_params`): no keyword at all or temperature 0 => greedy;
-else the one truncation knob that is on (top_k > 0, min_p > 0, typical_p < 1, top_p < 1) picks the
-strategy, at `temperature` (default 1.0); none on => plain random sampling. Two knobs on, or a
+its dict) or as plain keywords: no keyword at all => greedy; else the server's own rule for OpenAI's
+knobs (`server.schemas.strategy_from_knobs`), at `temperature` (default 1.0). Two knobs on, or a
 sampling object together with keywords, is a client-side `pydantic.ValidationError`.
 """
 
@@ -23,18 +21,13 @@ from clients.errors import parse_retry_after
 from server.schemas import (
     MAX_TEMPERATURE,
     MAX_TOP_K,
-    MIN_TEMPERATURE,
     AttentionRequest,
     DetokenizeRequest,
     GenerateRequest,
     GreedySampling,
-    MinPSampling,
-    RandomSampling,
     Sampling,
     TokenizeRequest,
-    TopKSampling,
-    TopPSampling,
-    TypicalSampling,
+    strategy_from_knobs,
 )
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -85,7 +78,9 @@ class Timeout:
 
 @dataclass(frozen=True)
 class Retry:
-    """Retries for connection errors (no response yet) and 429 / 503, never once a stream started.
+    """The retry rule of both clients: a request that got no response (the connection failed or
+    dropped before a status line) or a 429 / 503 is sent again, up to `max_retries` times; nothing
+    is retried once a stream has started, nor after a read timeout (the server may still be working).
 
     The wait is the server's Retry-After when it gives one (up to `max_retry_after` s), else
     `backoff * 2**attempt` (with jitter) capped at `max_backoff`.
@@ -95,6 +90,13 @@ class Retry:
     backoff: float = 0.5
     max_backoff: float = 8.0
     max_retry_after: float = 60.0
+
+    def after(self, attempt: int, *, status: int | None = None, retry_after: str | None = None) -> float | None:
+        """Seconds to wait before sending again the attempt (from 0) that got `status` (None: no
+        response at all), or None: it is not retried."""
+        if attempt >= self.max_retries or (status is not None and status not in RETRY_STATUSES):
+            return None
+        return self.wait(attempt, retry_after)
 
     def wait(self, attempt: int, retry_after: str | None = None) -> float:
         """Seconds to sleep before retry number `attempt + 1` (attempt counts from 0)."""
@@ -119,42 +121,23 @@ class SamplingChoice(BaseModel):
     def _keywords(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump(exclude={"sampling"}).items() if v is not None}
 
-    def _knobs(self) -> list[tuple[str, str, float | int]]:
-        """(strategy, keyword, value) of every truncation knob that is on, in the server's order."""
-        knobs = [("top_k", "top_k", self.top_k), ("min_p", "min_p", self.min_p),
-                 ("typical", "typical_p", self.typical_p), ("top_p", "top_p", self.top_p)]
-        on = {"top_k": (self.top_k or 0) > 0, "min_p": (self.min_p or 0) > 0,
-              "typical": (self.typical_p or 1) < 1, "top_p": (self.top_p or 1) < 1}
-        return [knob for knob in knobs if on[knob[0]]]
-
-    def _greedy(self) -> bool:
-        return not self._keywords() or (self.temperature is not None and self.temperature < MIN_TEMPERATURE)
-
     @model_validator(mode="after")
     def _one_strategy(self):
         if self.sampling is not None and self._keywords():
             raise ValueError(f"give sampling={self.sampling!r} or sampling keywords "
                              f"({', '.join(f'{k}={v}' for k, v in self._keywords().items())}), not both")
-        knobs = self._knobs()
-        if not self._greedy() and len(knobs) > 1:
-            got = ", ".join(f"{name}={value}" for _, name, value in knobs)
-            raise ValueError(
-                f"{' and '.join(name for _, name, _ in knobs)} cannot be combined ({got}): attnserve "
-                "applies one truncation strategy per request; leave the others unset")
+        self.resolve()                    # two truncation knobs on: a ValueError naming them
         return self
 
     def resolve(self) -> Sampling:
         if self.sampling is not None:
             return self.sampling
-        if self._greedy():
+        if not self._keywords():
             return GreedySampling()
-        temperature = 1.0 if self.temperature is None else self.temperature
-        for strategy, _, value in self._knobs()[:1]:
-            if strategy == "top_k":
-                return TopKSampling(k=value, temperature=temperature)
-            kind = {"min_p": MinPSampling, "typical": TypicalSampling, "top_p": TopPSampling}[strategy]
-            return kind(p=value, temperature=temperature)
-        return RandomSampling(temperature=temperature)
+        return strategy_from_knobs(temperature=1.0 if self.temperature is None else self.temperature,
+                                   top_k=self.top_k, top_p=1.0 if self.top_p is None else self.top_p,
+                                   min_p=self.min_p or 0.0,
+                                   typical_p=1.0 if self.typical_p is None else self.typical_p)
 
 
 def sampling_from(sampling: Sampling | dict | None = None, **keywords: float | int | None) -> Sampling:

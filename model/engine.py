@@ -34,7 +34,6 @@ from torch import Tensor
 from model.detokenizer import IncrementalDetokenizer
 from model.events import (
     AttentionSpec,
-    ContextLengthExceeded,
     Event,
     Failed,
     Finished,
@@ -43,7 +42,8 @@ from model.events import (
     Started,
     Token,
 )
-from model.sampling import MAX_LOGPROBS, Sampled, SamplingBatch, sample
+from model.limits import Limits
+from model.sampling import Sampled, SamplingBatch, sample
 from model.stops import StopMatcher
 from model.tokenizer import Tokenizer
 from model.transformer import Transformer
@@ -87,11 +87,12 @@ class _Sequence:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, *, max_batch: int = 8,
-                 max_context: int | None = None, max_queue: int = 64):
+                 max_context: int | None = None, max_queue: int = 64, max_attention_floats: int | None = None):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.device = model.embed_tokens.weight.device
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.max_context = min(max_context or model.config.max_context, model.config.max_context)
+        self.limits = Limits.of(model.config, max_context=max_context, max_attention_floats=max_attention_floats)
+        self.max_context = self.limits.max_context
         self.cache = model.new_cache(max_batch, self.max_context)
         self._free = list(range(max_batch))          # a min-heap: low slots first keeps batches contiguous
         self._active: list[_Sequence] = []           # sorted by slot; touched by the stepping thread only
@@ -111,7 +112,7 @@ class Engine:
 
     # -- the caller's side (any thread) ---------------------------------------------------------
     def submit(self, request: GenerationRequest) -> Handle:
-        self.validate(request)
+        self.limits.check(request)
         request.request_id = request.request_id or uuid.uuid4().hex
         seq = _Sequence(request=request, handle=Handle(request.request_id),
                         detokenizer=IncrementalDetokenizer(self.tokenizer, request.prompt_ids),
@@ -124,25 +125,6 @@ class Engine:
                 raise QueueFull(self.max_queue)
             self._waiting.append(seq)
         return seq.handle
-
-    def validate(self, request: GenerationRequest) -> None:
-        """Raise ContextLengthExceeded or ValueError (naming the field) for a request that can't run."""
-        n, config = len(request.prompt_ids), self.model.config
-        if n == 0:
-            raise ValueError("prompt_ids is empty")
-        if n > self.max_context:
-            raise ContextLengthExceeded(n, self.max_context)
-        if not all(0 <= t < config.vocab_size for t in request.prompt_ids):
-            raise ValueError(f"prompt_ids must be token ids in [0, {config.vocab_size})")
-        if request.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {request.max_tokens}")
-        if request.logprobs is not None and not 0 <= request.logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {request.logprobs}")
-        if (spec := request.attention) is not None:
-            if spec.layers != "all" and not all(0 <= i < config.n_layers for i in spec.layers):
-                raise ValueError(f"attention.layers must be indices in [0, {config.n_layers}), got {list(spec.layers)}")
-            if spec.heads not in ("all", "mean") and not all(0 <= h < config.n_heads for h in spec.heads):
-                raise ValueError(f"attention.heads must be indices in [0, {config.n_heads}), got {list(spec.heads)}")
 
     def cancel(self, request_id: str) -> None:
         """Stop a request (waiting or running); its slot is free at the next step."""

@@ -1,6 +1,7 @@
 """What goes into the engine (a `GenerationRequest`) and what comes out (typed events).
 
-Plain dataclasses and tensors: the server turns these into its Pydantic schemas at the edge.
+Plain, picklable dataclasses and tensors: the HTTP process builds the request from its validated
+Pydantic body and hands it to the worker as it is; the worker turns the events into API.md's.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from typing import Literal
 
 from torch import Tensor
 
+from model.limits import FinishReason
 from model.sampling import SamplingParams
 
 HeadSelection = Literal["all", "mean"] | tuple[int, ...]
-FinishReason = Literal["stop", "length", "cancelled"]
+EndReason = Literal[FinishReason, "cancelled"]
 
 
 @dataclass(frozen=True)
@@ -43,15 +45,6 @@ class GenerationRequest:
     ignore_eos: bool = False
     attention: AttentionSpec | None = None
     request_id: str = ""
-
-
-class ContextLengthExceeded(ValueError):
-    """The prompt does not fit in the context."""
-
-    def __init__(self, prompt_tokens: int, max_context: int):
-        self.prompt_tokens, self.max_context = prompt_tokens, max_context
-        super().__init__(f"the prompt has {prompt_tokens} tokens but the context holds at most "
-                         f"{max_context}")
 
 
 class QueueFull(RuntimeError):
@@ -90,7 +83,7 @@ class Token:
 @dataclass
 class Finished:
     request_id: str
-    finish_reason: FinishReason
+    finish_reason: EndReason
     text: str                           # the whole completion: all Token.text deltas joined
     prompt_tokens: int
     completion_tokens: int

@@ -45,10 +45,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from model.limits import MAX_LOGPROBS
+
 STRATEGIES = ("greedy", "random", "top_k", "top_p", "min_p", "typical")
 FILTERS = ("top_k", "top_p", "min_p", "typical")  # the strategies that truncate the distribution
 P_RANGES = {"top_p": "(0, 1]", "min_p": "[0, 1)", "typical": "(0, 1]"}  # where p is used
-MAX_LOGPROBS = 20  # as OpenAI's top_logprobs
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 
 from server.settings import parse_args
 
@@ -28,8 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     # and keep the port bound. Route SIGTERM into its shutdown; restore SIGINT in case this process
     # was started from a non-interactive shell with SIGINT ignored.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(
-        target=lambda: server._shutdown_event and server._shutdown_event.set(), daemon=True).start())
+    signal.signal(signal.SIGTERM, lambda *_: server.request_shutdown())
     server.uvicorn_graceful_timeout = 3
     server.run(host=settings.host, port=settings.port, num_api_servers=settings.api_servers or settings.workers,
                log_level=settings.log_level, generate_client_file=False)

@@ -1,9 +1,9 @@
-"""The LitServe server: one engine-owning LitAPI, and the public routes of API.md around it.
+"""The public HTTP app: every route of API.md around LitServe's server and its inference workers.
 
-LitServe gives us worker processes, its request queue and the uvicorn processes. The public
-generation routes are ours (so each has its real schema in /openapi.json and refuses bad input with
-a real status before a stream starts); they hand requests to LitServe's worker queue through
-`Dispatcher`. LitServe's own route for the LitAPI is internal and taken off the public app.
+A route validates its body (FastAPI, 422), turns it into the engine's request and checks it against
+the model's limits (server/service.py, 400), then hands it to a worker through server/bridge.py and
+answers with the events that come back: NDJSON for /v1/generate, SSE for the OpenAI routes, or one
+JSON body when not streaming. A streaming request is refused with its real status before any byte.
 """
 
 from __future__ import annotations
@@ -11,33 +11,24 @@ from __future__ import annotations
 import asyncio
 import hmac
 import math
-import multiprocessing as mp
 from collections.abc import Coroutine
 from pathlib import Path
 
-import litserve as ls
-import litserve.transport.factory as transport_factory
 from fastapi import Depends, FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from litserve.transport.zmq_queue import Broker
-from litserve.transport.zmq_transport import ZMQTransport
-from litserve.utils import WorkerSetupStatus
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from model.config import ModelConfig
-from model.tokenizer import Tokenizer
 from server import metrics as prom
 from server import native
-from server.chat import ChatTemplate
-from server.generation import ERROR_STATUS, Admission, ApiError, Dispatcher, EventStream
+from server.bridge import INTERNAL_PATH, AttnServer, Bridge, EventStream, Links, use_zmq
+from server.errors import ERROR_STATUS, ApiError
 from server.openai_compat import DONE, OpenAIFormatter, sse
 from server.schemas import (
-    AttentionRequest,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
@@ -52,8 +43,9 @@ from server.schemas import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from server.service import Service
 from server.settings import Settings
-from server.worker import INTERNAL_PATH, EngineAPI
+from server.worker import EngineAPI
 
 STATIC = Path(__file__).parent / "static"
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 413, 429)}
@@ -61,68 +53,6 @@ NDJSON, SSE = "application/x-ndjson", "text/event-stream"
 # HTTPExceptions raised before our code runs (FastAPI: a body that does not parse; LitServe: a body
 # over max_payload_size), answered with API.md's error body like every other refusal.
 HTTP_ERROR_TYPES = {400: "invalid_request", 413: "payload_too_large"}
-
-
-class Service:
-    """What the HTTP routes need: the tokenizer and model shape (for checks before queueing)."""
-
-    def __init__(self, settings: Settings):
-        self.settings = settings
-        self.tokenizer = Tokenizer.from_dir(settings.checkpoint)
-        self.config = ModelConfig.load(settings.checkpoint)
-        self.max_context = min(settings.max_context or self.config.max_context, self.config.max_context)
-        self.model_name = settings.served_model_name
-        self.chat_template = ChatTemplate(
-            self.tokenizer.chat_template,
-            bos_token=self.tokenizer.token_text(self.tokenizer.bos_id) if self.tokenizer.bos_id is not None else "",
-            eos_token=self.tokenizer.token_text(self.tokenizer.eos_id) if self.tokenizer.eos_id is not None else "")
-        self.dispatcher: Dispatcher | None = None
-
-    def payload(self, prompt_ids: list[int], *, max_tokens: int, sampling: dict, seed: int | None,
-                stop: list[str], logprobs: int | None, ignore_eos: bool,
-                attention: AttentionRequest | None) -> dict:
-        """Check what needs the model (context, attention shape and size) → the worker's payload."""
-        n = len(prompt_ids)
-        if n > self.max_context:
-            raise ApiError(400, "context_length_exceeded",
-                           f"the prompt has {n} tokens but the context holds at most {self.max_context}",
-                           prompt_tokens=n, max_context=self.max_context)
-        spec = None
-        if attention is not None:
-            spec = attention.spec_kwargs()
-            self._check_attention(spec, n, max_tokens)
-        return {"prompt_ids": prompt_ids, "max_tokens": max_tokens, "sampling": sampling, "seed": seed,
-                "stop": list(stop), "logprobs": logprobs, "ignore_eos": ignore_eos, "attention": spec}
-
-    def _check_attention(self, spec: dict, n: int, max_tokens: int) -> None:
-        c = self.config
-        for name, limit in (("layers", c.n_layers), ("heads", c.n_heads)):
-            values = spec[name]
-            if not isinstance(values, str) and max(values) >= limit:
-                raise ApiError(400, "invalid_request", f"attention.{name} must be indices in [0, {limit}), "
-                               f"got {list(values)}", param=f"attention.{name}")
-        layers = c.n_layers if spec["layers"] == "all" else len(spec["layers"])
-        heads = spec["heads"]
-        heads = {"all": c.n_heads, "mean": 1}[heads] if isinstance(heads, str) else len(heads)
-        generated = min(max_tokens, self.max_context - n + 1)
-        rows = generated * n + generated * (generated - 1) // 2     # token i's row has n + i keys
-        if spec["include_prompt"]:
-            rows += n * (n + 1) // 2
-        floats = layers * heads * rows
-        if floats > self.settings.max_attention_floats:
-            raise ApiError(400, "attention_payload_too_large",
-                           f"this request's attention would be {floats} numbers ({layers} layers × {heads} "
-                           f"heads × {rows} rows·keys); the limit is {self.settings.max_attention_floats}: "
-                           "ask for fewer layers or heads, heads \"mean\", fewer max_tokens, or "
-                           "include_prompt false", floats=floats, limit=self.settings.max_attention_floats)
-
-    def encode(self, text: str, *, parse_special: bool = False) -> list[int]:
-        return self.tokenizer.encode(text, add_bos=not (parse_special and self._starts_with_bos(text)),
-                                     parse_special=parse_special)
-
-    def _starts_with_bos(self, text: str) -> bool:
-        bos = self.chat_template.bos_token
-        return bool(bos) and text.startswith(bos)
 
 
 def authorization(settings: Settings):
@@ -142,73 +72,34 @@ def authorization(settings: Settings):
     return check
 
 
-class _ZMQTransport(ZMQTransport):
-    """LitServe's ZMQ transport, closable in processes that never used it."""
-
-    def close(self, **kwargs) -> None:
-        if self._zmq:
-            self._zmq.close()
-
-    def __reduce__(self):
-        return _ZMQTransport, (self.backend_address, self.frontend_address)
-
-
-def _zmq_transport(config):
-    """LitServe 0.2.19's own factory swaps the two addresses (and `fast_queue=True` never reaches
-    it), so requests hang: build the transport here with the addresses the right way round."""
-    broker = Broker()
-    broker.start()
-    config.frontend_address, config.backend_address = broker.frontend_address, broker.backend_address
-    return _ZMQTransport(backend_address=broker.backend_address, frontend_address=broker.frontend_address)
-
-
-class AttnServer(ls.LitServer):
-    """LitServer, plus what a restarted worker needs to recover (see EngineAPI.setup)."""
-
-    def launch_single_inference_worker(self, lit_api: EngineAPI, worker_id: int):
-        lit_api.request_queue = self._get_request_queue(lit_api.api_path)
-        lit_api.restarted = True
-        return super().launch_single_inference_worker(lit_api, worker_id)
-
-
-def build_server(settings: Settings) -> ls.LitServer:
+def build_server(settings: Settings) -> AttnServer:
     """The LitServer with every route of API.md; call `.run(...)` (see server/__main__.py)."""
     prom.reset_metrics_dir()
     service = Service(settings)
-    spawn = mp.get_context("spawn")
-    readers, writers = zip(*(spawn.Pipe(duplex=False) for _ in range(settings.workers)))
-    api = EngineAPI(settings, list(readers))
+    links = Links(settings.workers)
+    api = EngineAPI(settings, links)
     middlewares = []
     if settings.cors_origins:
         middlewares.append((CORSMiddleware, {"allow_origins": settings.cors_origins, "allow_methods": ["*"],
                                              "allow_headers": ["*"]}))
     server = AttnServer(api, accelerator=settings.device, devices=1, workers_per_device=settings.workers,
-                          timeout=False, max_payload_size=settings.max_body_bytes, middlewares=middlewares,
-                          restart_workers=True)
+                        timeout=False, max_payload_size=settings.max_body_bytes, middlewares=middlewares,
+                        restart_workers=True)
     if settings.transport == "zmq":
-        transport_factory._create_zmq_transport = _zmq_transport
-        server.transport_config.transport_type = "zmq"
+        use_zmq(server)
     app = server.app
-    # LitServe's route to the LitAPI is internal (Dispatcher calls its handler); "/" is the viewer;
+    # LitServe's route to the worker API is internal (the bridge calls its handler); "/" is the viewer;
     # "/health" is ours (LitServe's answers without a Content-Type).
     app.router.routes = [r for r in app.router.routes
                          if getattr(r, "path", None) not in (INTERNAL_PATH, "/", "/health")]
     metrics = prom.Metrics(service.model_name, service.max_context)
-    capacity = settings.workers * settings.max_batch + settings.max_queue
-    service.dispatcher = Dispatcher(server, api, admission=Admission(spawn.Value("i", 0), capacity),
-                                    cancel_writers=list(writers), metrics=metrics,
-                                    max_request_seconds=settings.max_request_seconds)
-    add_routes(app, service, authorization(settings), metrics, ready=lambda: _workers_ready(server))
+    bridge = Bridge(server, api, links, capacity=settings.workers * settings.max_batch + settings.max_queue,
+                    metrics=metrics, max_request_seconds=settings.max_request_seconds)
+    add_routes(app, service, bridge, authorization(settings), metrics, ready=server.workers_ready)
     return server
 
 
-def _workers_ready(server: ls.LitServer) -> bool:
-    """LitServe's readiness: every inference worker has finished setup() (again, after a restart)."""
-    status = server.workers_setup_status
-    return bool(status) and all(v == WorkerSetupStatus.READY for v in status.values())
-
-
-def add_routes(app: FastAPI, service: Service, auth, metrics: prom.Metrics, *, ready) -> None:
+def add_routes(app: FastAPI, service: Service, bridge: Bridge, auth, metrics: prom.Metrics, *, ready) -> None:
     guarded = [Depends(auth)]
 
     @app.exception_handler(RequestValidationError)
@@ -238,11 +129,9 @@ def add_routes(app: FastAPI, service: Service, auth, metrics: prom.Metrics, *, r
         200: {"content": {NDJSON: {"schema": {"$ref": "#/components/schemas/StreamEvent"}}},
               "description": "One JSON object, or NDJSON events when stream is true."}})
     async def generate(body: GenerateRequest, request: Request):
-        payload = service.payload(service.encode(body.prompt), max_tokens=body.max_tokens,
-                                  sampling=body.sampling_params(), seed=body.seed, stop=body.stop,
-                                  logprobs=body.logprobs, ignore_eos=body.ignore_eos, attention=body.attention)
+        engine_request = service.request(body, service.prompt_ids(body))
         # A client that leaves while its request waits for a slot must not keep its place.
-        stream = await _unless_client_leaves(service.dispatcher.open(payload), request)
+        stream = await _unless_client_leaves(bridge.open(engine_request), request)
         if body.stream:
             return StreamingResponse(_ndjson(stream), media_type=NDJSON)
         events = await _collect(stream, request)
@@ -251,20 +140,10 @@ def add_routes(app: FastAPI, service: Service, auth, metrics: prom.Metrics, *, r
         return JSONResponse(native.collect(events))
 
     async def openai_route(body: CompletionRequest | ChatCompletionRequest, request: Request, kind: str):
-        if kind == "chat":
-            messages = [{"role": m.role, "content": m.content} for m in body.messages]
-            prompt_ids = service.encode(service.chat_template.render(messages),
-                                        parse_special=service.chat_template.source is not None)
-            max_tokens = body.max_new_tokens()
-        else:
-            prompt_ids, max_tokens = service.encode(body.prompt), body.max_tokens
-        logprobs = body.num_logprobs()
-        payload = service.payload(prompt_ids, max_tokens=max_tokens, sampling=body.sampling_params(),
-                                  seed=body.seed, stop=body.stop, logprobs=logprobs,
-                                  ignore_eos=body.ignore_eos, attention=body.attention)
+        engine_request = service.request(body, service.prompt_ids(body))
         formatter = OpenAIFormatter(kind, service.model_name, include_usage=body.include_usage,
-                                    logprobs=logprobs, attention=body.attention is not None)
-        stream = await _unless_client_leaves(service.dispatcher.open(payload), request)
+                                    logprobs=engine_request.logprobs, attention=body.attention is not None)
+        stream = await _unless_client_leaves(bridge.open(engine_request), request)
         if body.stream:
             return StreamingResponse(_sse(stream, formatter), media_type=SSE)
         events = await _collect(stream, request)

@@ -8,13 +8,13 @@ import torch
 from model.engine import Engine
 from model.events import (
     AttentionSpec,
-    ContextLengthExceeded,
     Finished,
     GenerationRequest,
     QueueFull,
     Started,
     Token,
 )
+from model.limits import ContextLengthExceeded
 from model.sampling import SamplingParams
 from model.tokenizer import Tokenizer
 from tests.conftest import tiny_model

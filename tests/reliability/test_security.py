@@ -95,7 +95,7 @@ def test_the_key_is_compared_in_constant_time(monkeypatch):
     from starlette.requests import Request
 
     from server.app import authorization
-    from server.generation import ApiError
+    from server.errors import ApiError
     from server.settings import Settings
 
     compared = []

@@ -1,0 +1,60 @@
+"""What the HTTP routes know of the served model without its weights: the tokenizer, the chat
+template and the model's limits — and the one place a validated body becomes the engine's request.
+
+    body (Pydantic, validated by FastAPI) → Service.request(body, prompt_ids) → GenerationRequest
+                                            (checked by model.limits, as the worker will)
+
+The request is built once, here, and crosses to the worker as it is (server/bridge.py).
+"""
+
+from __future__ import annotations
+
+from model.config import ModelConfig
+from model.events import AttentionSpec, GenerationRequest
+from model.limits import Limits, RequestRefused
+from model.sampling import SamplingParams
+from model.tokenizer import Tokenizer
+from server.chat import ChatTemplate
+from server.errors import ApiError
+from server.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest
+from server.settings import Settings
+
+
+class Service:
+    def __init__(self, settings: Settings):
+        self.tokenizer = Tokenizer.from_dir(settings.checkpoint)
+        self.config = ModelConfig.load(settings.checkpoint)
+        self.limits = Limits.of(self.config, max_context=settings.max_context,
+                                max_attention_floats=settings.max_attention_floats)
+        self.max_context = self.limits.max_context
+        self.model_name = settings.served_model_name
+        tok = self.tokenizer
+        self.chat_template = ChatTemplate(
+            tok.chat_template, bos_token=tok.token_text(tok.bos_id) if tok.bos_id is not None else "",
+            eos_token=tok.token_text(tok.eos_id) if tok.eos_id is not None else "")
+
+    def request(self, body: GenerateRequest | CompletionRequest | ChatCompletionRequest,
+                prompt_ids: list[int]) -> GenerationRequest:
+        """The engine's request for a validated body; ApiError (400) if the model can't run it."""
+        attention = body.attention
+        request = GenerationRequest(
+            prompt_ids=prompt_ids, max_tokens=body.max_new_tokens(), sampling=SamplingParams(**body.sampling_params()),
+            seed=body.seed, stop=tuple(body.stop), logprobs=body.num_logprobs(), ignore_eos=body.ignore_eos,
+            attention=AttentionSpec(**attention.spec_kwargs()) if attention is not None else None)
+        try:
+            self.limits.check(request)
+        except RequestRefused as e:
+            raise ApiError.refused(e) from None
+        return request
+
+    def prompt_ids(self, body: GenerateRequest | CompletionRequest | ChatCompletionRequest) -> list[int]:
+        """The body's prompt as token ids (a chat's messages rendered by the chat template)."""
+        if isinstance(body, ChatCompletionRequest):
+            messages = [{"role": m.role, "content": m.content} for m in body.messages]
+            return self.encode(self.chat_template.render(messages), parse_special=self.chat_template.source is not None)
+        return self.encode(body.prompt)
+
+    def encode(self, text: str, *, parse_special: bool = False) -> list[int]:
+        bos = self.chat_template.bos_token
+        starts_with_bos = parse_special and bool(bos) and text.startswith(bos)
+        return self.tokenizer.encode(text, add_bos=not starts_with_bos, parse_special=parse_special)
