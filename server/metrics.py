@@ -14,6 +14,8 @@ from pathlib import Path
 
 os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="attnserve-metrics-"))
 
+from typing import get_args
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -23,6 +25,9 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+
+from model.limits import FinishReason
+from server.errors import ERROR_TYPES
 
 LABELS = ["model_name"]
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
@@ -79,6 +84,11 @@ class Metrics:
                                       "Requests decoded together in one engine step (continuous batching).",
                                       LABELS, buckets=buckets_1_2_5(256), registry=None).labels(model_name)
         self.model_name = model_name
+        # Every known label starts at 0, so a fresh server's dashboard shows 0 rather than no data.
+        for reason in get_args(FinishReason):
+            self._success.labels(model_name, reason)
+        for error_type in ERROR_TYPES:
+            self._errors.labels(model_name, error_type)
 
     def success(self, finish_reason: str) -> None:
         self._success.labels(self.model_name, finish_reason).inc()

@@ -156,3 +156,20 @@ def test_every_dashboard_metric_is_exported(scraped_names):
     assert len(used) >= 12, used
     missing = sorted(used - scraped_names)
     assert not missing, f"the dashboard queries metrics the server does not export: {missing}"
+
+
+def test_a_fresh_server_shows_every_labelled_counter_at_zero(tmp_path):
+    """Before any request, each known finish_reason and error type is a series at 0 (not "No data")."""
+    with running_server(tmp_path) as server:
+        text = requests.get(f"{server.url}/metrics", timeout=10).text
+    samples = {(s.name, s.labels.get("finish_reason") or s.labels.get("type")): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name in ("attnserve_request_success_total", "attnserve_request_errors_total")}
+    for reason in ("stop", "length"):
+        assert samples[("attnserve_request_success_total", reason)] == 0
+    for error_type in ("validation", "context_length_exceeded", "attention_payload_too_large", "overloaded",
+                       "cancelled", "timeout", "internal_error", "unauthorized"):
+        assert samples[("attnserve_request_errors_total", error_type)] == 0
+    used = set().union(*(metric_names(e) for e in queries(dashboard())))
+    exported = {s.name for family in text_string_to_metric_families(text) for s in family.samples}
+    assert not sorted(used - exported), "a fresh server lacks series the dashboard shows"
