@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Sequence
 from dataclasses import replace
 from typing import Any, Unpack
@@ -12,7 +13,6 @@ import httpx
 from clients.errors import APIConnectionError, APITimeoutError, error_from_response
 from clients.options import (
     NDJSON,
-    RETRY_STATUSES,
     GenerateOptions,
     Retry,
     Timeout,
@@ -26,9 +26,10 @@ from clients.options import (
 from clients.results import Completion, Event, EventReader, LineBuffer, cut_off
 from server.schemas import DetokenizeResponse, ModelList, TokenizeResponse
 
-# No response yet, so safe to send again: the connection failed or dropped before a status line.
-RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadError, httpx.WriteError,
-             httpx.RemoteProtocolError)
+# No response yet, so safe to send again (`Retry`): connect errors and timeouts, and a connection
+# that dropped before a status line (httpx has a class for each).
+NO_RESPONSE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadError, httpx.WriteError,
+               httpx.RemoteProtocolError)
 
 
 class AsyncClient:
@@ -136,16 +137,14 @@ class AsyncClient:
         url = self.base_url + path
         request = self._http.build_request(method, url, json=json, headers={**self._headers, **(headers or {})},
                                            timeout=self._timeout)
-        attempts = self.retry.max_retries + 1 if retry else 1
-        for attempt in range(attempts):
-            last = attempt == attempts - 1
+        rule = self.retry if retry else replace(self.retry, max_retries=0)
+        for attempt in itertools.count():
             try:
                 response = await self._http.send(request, stream=True)
-            except RETRYABLE as exc:
-                if last:
+            except NO_RESPONSE as exc:
+                if (wait := rule.after(attempt)) is None:
                     kind = APITimeoutError if isinstance(exc, httpx.ConnectTimeout) else APIConnectionError
                     raise kind(f"{method} {url} failed after {attempt + 1} attempt(s): {exc!r}") from exc
-                wait = self.retry.wait(attempt)
             except httpx.TimeoutException as exc:
                 raise APITimeoutError(f"{method} {url}: no response within the read timeout of "
                                       f"{self.timeout.read} s") from exc
@@ -163,9 +162,9 @@ class AsyncClient:
                     content = await response.aread()
                 finally:
                     await response.aclose()
-                if last or response.status_code not in RETRY_STATUSES:
+                wait = rule.after(attempt, status=response.status_code, retry_after=response.headers.get("Retry-After"))
+                if wait is None:
                     raise error_from_response(response.status_code, response.headers, content)
-                wait = self.retry.wait(attempt, response.headers.get("Retry-After"))
             await asyncio.sleep(wait)
         raise AssertionError("unreachable")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import replace
@@ -12,7 +13,6 @@ import requests
 from clients.errors import APIConnectionError, APITimeoutError, error_from_response
 from clients.options import (
     NDJSON,
-    RETRY_STATUSES,
     GenerateOptions,
     Retry,
     Timeout,
@@ -25,6 +25,10 @@ from clients.options import (
 )
 from clients.results import Completion, Event, EventReader, LineBuffer, cut_off
 from server.schemas import DetokenizeResponse, ModelList, TokenizeResponse
+
+# No response yet, so safe to send again (`Retry`): connect errors and timeouts, and a connection
+# that dropped before a status line (requests raises ConnectionError for all of them).
+NO_RESPONSE = requests.ConnectionError
 
 
 class Client:
@@ -135,29 +139,27 @@ class Client:
               ok: tuple[int, ...] = (200,), headers: dict[str, str] | None = None) -> requests.Response:
         """One request with retries, until a status in `ok` (else the mapped APIError is raised)."""
         url = self.base_url + path
-        attempts = self.retry.max_retries + 1 if retry else 1
-        for attempt in range(attempts):
-            last = attempt == attempts - 1
+        rule = self.retry if retry else replace(self.retry, max_retries=0)
+        for attempt in itertools.count():
             try:
                 response = self._session.request(method, url, json=json, stream=stream,
                                                  headers={**self._headers, **(headers or {})},
                                                  timeout=(self.timeout.connect, self.timeout.read))
-            except requests.ConnectionError as exc:  # includes ConnectTimeout; not ReadTimeout
-                if last:
+            except NO_RESPONSE as exc:
+                if (wait := rule.after(attempt)) is None:
                     kind = APITimeoutError if isinstance(exc, requests.ConnectTimeout) else APIConnectionError
                     raise kind(f"{method} {url} failed after {attempt + 1} attempt(s): {exc}") from exc
-                wait = self.retry.wait(attempt)
             except requests.Timeout as exc:
                 raise APITimeoutError(f"{method} {url}: no response within the read timeout of "
                                       f"{self.timeout.read} s") from exc
             else:
                 if response.status_code in ok:
                     return response
-                if last or response.status_code not in RETRY_STATUSES:
+                wait = rule.after(attempt, status=response.status_code, retry_after=response.headers.get("Retry-After"))
+                if wait is None:
                     error = error_from_response(response.status_code, response.headers, response.content)
                     response.close()
                     raise error
-                wait = self.retry.wait(attempt, response.headers.get("Retry-After"))
                 response.close()
             time.sleep(wait)
         raise AssertionError("unreachable")

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any
 
+import urllib3
 from pydantic import ValidationError
+from urllib3.exceptions import InvalidHeader
 
 from server.schemas import ErrorInfo
 
@@ -104,18 +104,17 @@ class StreamError(APIError):
 
 
 def parse_retry_after(value: str | None) -> float | None:
-    """Retry-After as seconds: a number, or an HTTP date (RFC 9110); None if absent or unreadable."""
+    """Retry-After as seconds: whole seconds or an HTTP date (RFC 9110, read by urllib3; a date in
+    the past is 0); None if absent or unreadable."""
     if value is None:
         return None
     try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        return float(_RETRY_AFTER.parse_retry_after(value))
+    except InvalidHeader:
         return None
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+_RETRY_AFTER = urllib3.util.Retry()
 
 
 def _class_for(status: int, error_type: str) -> type[APIError]:
