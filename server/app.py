@@ -38,17 +38,16 @@ from server.schemas import (
     ErrorResponse,
     GenerateRequest,
     GenerateResponse,
-    ModelCard,
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
 )
-from server.service import Service
+from server.service import Models, Service
 from server.settings import Settings
 from server.worker import EngineAPI
 
 STATIC = Path(__file__).parent / "static"
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 413, 429)}
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429)}
 NDJSON, SSE = "application/x-ndjson", "text/event-stream"
 # HTTPExceptions raised before our code runs (FastAPI: a body that does not parse; LitServe: a body
 # over max_payload_size), answered with API.md's error body like every other refusal.
@@ -75,7 +74,7 @@ def authorization(settings: Settings):
 def build_server(settings: Settings) -> AttnServer:
     """The LitServer with every route of API.md; call `.run(...)` (see server/__main__.py)."""
     prom.reset_metrics_dir()
-    service = Service(settings)
+    models = Models(settings)
     links = Links(settings.workers)
     api = EngineAPI(settings, links)
     middlewares = []
@@ -92,21 +91,29 @@ def build_server(settings: Settings) -> AttnServer:
     # "/health" is ours (LitServe's answers without a Content-Type).
     app.router.routes = [r for r in app.router.routes
                          if getattr(r, "path", None) not in (INTERNAL_PATH, "/", "/health")]
-    metrics = prom.Metrics(service.model_name, service.max_context)
     bridge = Bridge(server, api, links, capacity=settings.workers * settings.max_batch + settings.max_queue,
-                    metrics=metrics, max_request_seconds=settings.max_request_seconds)
-    add_routes(app, service, bridge, authorization(settings), metrics, ready=server.workers_ready)
+                    max_request_seconds=settings.max_request_seconds)
+    add_routes(app, models, bridge, authorization(settings), ready=server.workers_ready)
     return server
 
 
-def add_routes(app: FastAPI, service: Service, bridge: Bridge, auth, metrics: prom.Metrics, *, ready) -> None:
+def add_routes(app: FastAPI, models: Models, bridge: Bridge, auth, *, ready) -> None:
     guarded = [Depends(auth)]
+
+    def served(request: Request, name: str | None) -> Service:
+        """The model a request names (404 if not served); its errors are counted under its name."""
+        service = models.get(name)
+        request.state.service = service
+        return service
+
+    def metrics(request: Request) -> prom.Metrics:
+        return getattr(request.state, "service", models.default).metrics
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         # FastAPI's own handler echoes the offending input, which may be NaN or inf (Python's
         # JSON parser accepts them) and then fails to encode: a 500 for bad input. Not here.
-        metrics.error("validation")
+        metrics(request).error("validation")
         return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
 
     @app.exception_handler(ClientGone)
@@ -115,7 +122,7 @@ def add_routes(app: FastAPI, service: Service, bridge: Bridge, auth, metrics: pr
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        metrics.error(exc.body["error"]["type"])
+        metrics(request).error(exc.body["error"]["type"])
         return JSONResponse(exc.body, status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(HTTPException)
@@ -129,9 +136,10 @@ def add_routes(app: FastAPI, service: Service, bridge: Bridge, auth, metrics: pr
         200: {"content": {NDJSON: {"schema": {"$ref": "#/components/schemas/StreamEvent"}}},
               "description": "One JSON object, or NDJSON events when stream is true."}})
     async def generate(body: GenerateRequest, request: Request):
+        service = served(request, body.model)
         engine_request = service.request(body, service.prompt_ids(body))
         # A client that leaves while its request waits for a slot must not keep its place.
-        stream = await _unless_client_leaves(bridge.open(engine_request), request)
+        stream = await _unless_client_leaves(service.open(bridge, engine_request), request)
         if body.stream:
             return StreamingResponse(_ndjson(stream), media_type=NDJSON)
         events = await _collect(stream, request)
@@ -140,10 +148,11 @@ def add_routes(app: FastAPI, service: Service, bridge: Bridge, auth, metrics: pr
         return JSONResponse(native.collect(events))
 
     async def openai_route(body: CompletionRequest | ChatCompletionRequest, request: Request, kind: str):
+        service = served(request, body.model)
         engine_request = service.request(body, service.prompt_ids(body))
         formatter = OpenAIFormatter(kind, service.model_name, include_usage=body.include_usage,
                                     logprobs=engine_request.logprobs, attention=body.attention is not None)
-        stream = await _unless_client_leaves(bridge.open(engine_request), request)
+        stream = await _unless_client_leaves(service.open(bridge, engine_request), request)
         if body.stream:
             return StreamingResponse(_sse(stream, formatter), media_type=SSE)
         events = await _collect(stream, request)
@@ -165,17 +174,19 @@ def add_routes(app: FastAPI, service: Service, bridge: Bridge, auth, metrics: pr
         return await openai_route(body, request, "chat")
 
     @app.get("/v1/models", response_model=ModelList, dependencies=guarded)
-    async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=service.model_name, max_context=service.max_context)])
+    async def model_list() -> ModelList:
+        return ModelList(data=[service.model_card() for service in models])
 
     @app.post("/v1/tokenize", response_model=TokenizeResponse, dependencies=guarded, responses=ERRORS)
-    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+    async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
+        service = served(request, body.model)
         ids = service.tokenizer.encode(body.text, add_bos=body.add_special_tokens)
         return TokenizeResponse(tokens=[{"id": i, "text": service.tokenizer.token_text(i)} for i in ids],
                                 count=len(ids), max_context=service.max_context)
 
     @app.post("/v1/detokenize", response_model=DetokenizeResponse, dependencies=guarded, responses=ERRORS)
-    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+    async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+        service = served(request, body.model)
         vocab = service.tokenizer.vocab_size
         if bad := [i for i in body.ids if i >= vocab][:5]:
             raise ApiError(400, "invalid_request", f"ids must be below the vocabulary size {vocab}, got {bad}",

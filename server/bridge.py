@@ -2,12 +2,13 @@
 knows LitServe's internals (written against litserve 0.2.19, pinned in pyproject.toml).
 
     HTTP process                                   worker process
-    Bridge.open(GenerationRequest) ── request ──▶  WorkerLoop ──▶ WorkerAPI.accept(request, send)
+    Bridge.open(request, model) ── model, request ▶ WorkerLoop ─▶ WorkerAPI.accept(model, request, send)
     EventStream ◀── NDJSON lines, per engine step ── send(lines)
     EventStream.aclose() ── cancel (pipe) ──────▶  WorkerAPI.cancel(request_id)
 
 The request is the engine's own typed `GenerationRequest`, built and checked once in the HTTP
-process; it travels through LitServe's request queue to whichever worker takes it. Messages come
+process; it travels with its model's name through LitServe's request queue to whichever worker
+takes it (every worker serves every model). Messages come
 back through LitServe's transport (ZMQ by default) as NDJSON lines, several events per message.
 Cancels go through a pipe per worker made before the processes start (a pipe, not a
 multiprocessing.Queue, whose lock a killed worker would hold forever). Liveness is out of band:
@@ -82,8 +83,8 @@ class WorkerAPI(ls.LitAPI):
     def load(self, device: str, worker_id: int) -> None:
         raise NotImplementedError
 
-    def accept(self, request: GenerationRequest, send: Send) -> None:
-        """Start one request (on the worker's event loop); its messages go to `send`."""
+    def accept(self, model: str, request: GenerationRequest, send: Send) -> None:
+        """Start one request for `model` (on the worker's event loop); its messages go to `send`."""
         raise NotImplementedError
 
     def cancel(self, request_id: str) -> None:
@@ -139,9 +140,10 @@ class WorkerLoop(LitLoop):
 
             threading.Thread(target=intake, name="intake", daemon=True).start()
             while (item := await arrivals.get()) != _SENTINEL_VALUE:
-                response_queue_id, uid, _, request = item
-                if request == FLUSH:
+                response_queue_id, uid, _, payload = item
+                if payload == FLUSH:
                     continue
+                model, request = payload
                 # START tells the HTTP side which worker took the request (its liveness check).
                 self.put_response(transport, response_queue_id, uid, (), LitAPIStatus.START,
                                   LoopResponseType.STREAMING)
@@ -149,7 +151,7 @@ class WorkerLoop(LitLoop):
                 def send(message: str, response_queue_id=response_queue_id, uid=uid) -> None:
                     self.put_response(transport, response_queue_id, uid, message, LitAPIStatus.OK,
                                       LoopResponseType.STREAMING)
-                lit_api.accept(request, send)
+                lit_api.accept(model, request, send)
 
         try:
             asyncio.new_event_loop().run_until_complete(serve())
@@ -224,23 +226,24 @@ class Admission:
 class Bridge:
     """The HTTP process's end: submit a request, read its messages, cancel it."""
 
-    def __init__(self, server: AttnServer, api: WorkerAPI, links: Links, *, capacity: int, metrics: Metrics,
+    def __init__(self, server: AttnServer, api: WorkerAPI, links: Links, *, capacity: int,
                  max_request_seconds: float):
         self._handler = StreamingRequestHandler(api, server)
-        self.links, self.metrics = links, metrics
+        self.links = links
         self.admission = Admission(links.in_flight, capacity)
         for writer in links.cancel_writers:
             os.set_blocking(writer.fileno(), False)   # a stuck worker must never block the event loop
         self.max_request_seconds = max_request_seconds
 
-    async def open(self, request: GenerationRequest) -> EventStream:
-        """Admit, submit and wait for the first event; raise ApiError if the worker refused."""
+    async def open(self, request: GenerationRequest, *, model: str, metrics: Metrics) -> EventStream:
+        """Admit, submit to `model` and wait for the first event; raise ApiError if the worker refused.
+        The stream's latencies and errors are counted in `metrics`."""
         self.admission.enter()
         arrived = time.perf_counter()
         request.request_id = uuid.uuid4().hex
-        stream = EventStream(self, request.request_id, arrived)
+        stream = EventStream(self, request.request_id, arrived, metrics)
         try:
-            uid, _ = await self._handler._submit_request(request)
+            uid, _ = await self._handler._submit_request((model, request))
             # Registered before this task next yields, so before any of the worker's messages is read.
             buffer = self._handler.server.response_buffer
             buffer[uid] = ResponseBufferItem(event=asyncio.Event(), response_queue=deque())
@@ -284,8 +287,8 @@ class EventStream:
     Token lines go out as the worker wrote them: per token, this process does a deque pop and a
     prefix check, and parses JSON only for the other events."""
 
-    def __init__(self, bridge: Bridge, request_id: str, arrived: float):
-        self.bridge, self.request_id, self.arrived = bridge, request_id, arrived
+    def __init__(self, bridge: Bridge, request_id: str, arrived: float, metrics: Metrics):
+        self.bridge, self.request_id, self.arrived, self.metrics = bridge, request_id, arrived, metrics
         self.deadline = arrived + bridge.max_request_seconds
         self._buffer: dict | None = None
         self._uid: str | None = None
@@ -320,7 +323,7 @@ class EventStream:
                     message.append(self._pop())
                 for _, event in message:
                     if event is not None and event["type"] == "error":   # (never the first: open raised it)
-                        self.bridge.metrics.error(event["error"]["type"])
+                        self.metrics.error(event["error"]["type"])
                 if parsed:
                     yield [event if event is not None else json.loads(line) for line, event in message]
                 else:
@@ -340,7 +343,7 @@ class EventStream:
         if line.startswith(native.TOKEN_LINE):
             if not self._seen_token:
                 self._seen_token = True
-                self.bridge.metrics.ttft.observe(time.perf_counter() - self.arrived)
+                self.metrics.ttft.observe(time.perf_counter() - self.arrived)
             return line, None
         event = json.loads(line)
         if event["type"] in ("done", "error"):
@@ -380,7 +383,7 @@ class EventStream:
         self._closed = True
         if not self._ended:
             self.bridge.cancel(self.request_id)
-        self.bridge.metrics.e2e.observe(time.perf_counter() - self.arrived)
+        self.metrics.e2e.observe(time.perf_counter() - self.arrived)
         self.bridge.admission.leave()
         if self._buffer is not None:
             self._buffer.pop(self._uid, None)

@@ -1,5 +1,5 @@
-"""What the HTTP routes know of the served model without its weights: the tokenizer, the chat
-template and the model's limits — and the one place a validated body becomes the engine's request.
+"""What the HTTP routes know of each served model without its weights: the tokenizer, the chat
+template, the model's limits and card — and the one place a validated body becomes the engine's request.
 
     body (Pydantic, validated by FastAPI) → Service.request(body, prompt_ids) → GenerationRequest
                                             (checked by model.limits, as the worker will)
@@ -9,25 +9,55 @@ The request is built once, here, and crosses to the worker as it is (server/brid
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from model.config import ModelConfig
 from model.events import AttentionSpec, GenerationRequest
 from model.limits import Limits, RequestRefused
 from model.sampling import SamplingParams
 from model.tokenizer import Tokenizer
+from server.bridge import Bridge, EventStream
 from server.chat import ChatTemplate
 from server.errors import ApiError
-from server.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest
+from server.metrics import Metrics
+from server.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest, ModelCard
 from server.settings import Settings
+
+CARD_FILE = "model_card.json"
+
+
+class Models:
+    """Every served model by name; the first is the default."""
+
+    def __init__(self, settings: Settings):
+        self.services = {name: Service(name, path, settings) for name, path in settings.models().items()}
+        self.default = next(iter(self.services.values()))
+
+    def __iter__(self):
+        return iter(self.services.values())
+
+    def get(self, name: str | None) -> Service:
+        """The named model (None: the default); 404 `model_not_found` if it is not served."""
+        if name is None:
+            return self.default
+        if (service := self.services.get(name)) is None:
+            raise ApiError(404, "model_not_found", f"the model {name!r} is not served here; served: "
+                           f"{', '.join(self.services)}", model=name, param="model", code="model_not_found")
+        return service
 
 
 class Service:
-    def __init__(self, settings: Settings):
-        self.tokenizer = Tokenizer.from_dir(settings.checkpoint)
-        self.config = ModelConfig.load(settings.checkpoint)
+    def __init__(self, name: str, checkpoint: Path, settings: Settings):
+        self.model_name = name
+        self.tokenizer = Tokenizer.from_dir(checkpoint)
+        self.config = ModelConfig.load(checkpoint)
         self.limits = Limits.of(self.config, max_context=settings.max_context,
                                 max_attention_floats=settings.max_attention_floats)
         self.max_context = self.limits.max_context
-        self.model_name = settings.served_model_name
+        card = checkpoint / CARD_FILE
+        self.card = json.loads(card.read_text()) if card.is_file() else {}
+        self.metrics = Metrics(name, self.max_context)
         tok = self.tokenizer
         self.chat_template = ChatTemplate(
             tok.chat_template, bos_token=tok.token_text(tok.bos_id) if tok.bos_id is not None else "",
@@ -46,6 +76,14 @@ class Service:
         except RequestRefused as e:
             raise ApiError.refused(e) from None
         return request
+
+    async def open(self, bridge: Bridge, request: GenerationRequest) -> EventStream:
+        """Hand a request for this model to a worker (see `Bridge.open`)."""
+        return await bridge.open(request, model=self.model_name, metrics=self.metrics)
+
+    def model_card(self) -> ModelCard:
+        """This model's entry in /v1/models."""
+        return ModelCard(id=self.model_name, max_context=self.max_context, examples=self.card.get("examples"))
 
     def prompt_ids(self, body: GenerateRequest | CompletionRequest | ChatCompletionRequest) -> list[int]:
         """The body's prompt as token ids (a chat's messages rendered by the chat template)."""

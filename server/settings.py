@@ -6,21 +6,46 @@ Precedence: a CLI flag, then the environment variable, then the default.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BeforeValidator, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "calculator"
+SHIPPED = Path(__file__).resolve().parent.parent / "checkpoints"   # every model this project ships
+CONFIG_FILE = "config.json"
+
+
+def _list(value: Any) -> Any:
+    """A list as a flag gives it (repeated), or as an environment variable: a JSON list, or
+    comma-separated."""
+    if isinstance(value, str):
+        value = json.loads(value) if value.lstrip().startswith("[") else [v for v in value.split(",") if v]
+    return value
+
+
+def checkpoint_dirs(path: Path) -> list[Path]:
+    """A checkpoint directory, or the checkpoint directories inside one (sorted by name)."""
+    if (path / CONFIG_FILE).is_file():
+        return [path]
+    found = sorted(p for p in path.iterdir() if (p / CONFIG_FILE).is_file()) if path.is_dir() else []
+    if not found:
+        raise ValueError(f"checkpoint {str(path)!r} is neither a checkpoint directory (no {CONFIG_FILE}) "
+                         "nor a directory of them")
+    return found
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ATTNSERVE_", extra="ignore")
 
-    checkpoint: Path = Field(DEFAULT_CHECKPOINT, description="checkpoint directory (ours or HF Llama format)")
-    model_name: str | None = Field(None, description="served model name (default: the directory's name)")
+    checkpoint: Annotated[list[Path], NoDecode, BeforeValidator(_list)] = Field(
+        default_factory=lambda: [SHIPPED], min_length=1, description="a checkpoint directory (ours or HF Llama "
+        "format) or a directory of them; repeat for several models, the first is the default "
+        "(default: every shipped checkpoint)")
+    model_name: Annotated[list[str], NoDecode, BeforeValidator(_list)] = Field(
+        default_factory=list, description="served model names, one per checkpoint (default: each directory's name)")
     host: Literal["0.0.0.0", "127.0.0.1", "::"] = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, ge=1024, le=65535)
     max_batch: int = Field(16, ge=1, le=256, description="KV-cache slots: requests decoded together")
@@ -58,9 +83,21 @@ class Settings(BaseSettings):
         http = self.api_servers or self.workers
         return max(1, (len(os.sched_getaffinity(0)) - http) // self.workers)
 
-    @property
-    def served_model_name(self) -> str:
-        return self.model_name or self.checkpoint.resolve().name
+    @model_validator(mode="after")
+    def _names_fit(self):
+        self.models()                     # a missing checkpoint or a name clash fails at start-up
+        return self
+
+    def models(self) -> dict[str, Path]:
+        """Every served model: its name → its checkpoint directory, the default first."""
+        dirs = [d for path in self.checkpoint for d in checkpoint_dirs(Path(path))]
+        if self.model_name and len(self.model_name) != len(dirs):
+            raise ValueError(f"{len(self.model_name)} model names for {len(dirs)} checkpoints "
+                             f"({', '.join(map(str, dirs))}): give one --model-name per checkpoint, or none")
+        names = self.model_name or [d.resolve().name for d in dirs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"two served models would have the same name: {names}; use --model-name")
+        return dict(zip(names, dirs))
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
@@ -71,6 +108,9 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         help_text = field.description or ""
         if name == "cors_origins":
             parser.add_argument(flag, nargs="*", default=None, help=help_text)
+        elif name in ("checkpoint", "model_name"):
+            parser.add_argument(flag, action="append", default=None,
+                                help=f"{help_text}; repeatable [env ATTNSERVE_{name.upper()}: comma-separated]")
         else:
             parser.add_argument(flag, default=None, help=f"{help_text} [env ATTNSERVE_{name.upper()}]")
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}

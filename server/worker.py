@@ -45,18 +45,21 @@ class EngineAPI(WorkerAPI):
     def load(self, device: str, worker_id: int) -> None:
         settings = self.settings
         torch.set_num_threads(settings.torch_threads)
-        model, tokenizer = load_checkpoint(settings.checkpoint, device=device)
-        engine = Engine(model, tokenizer, max_batch=settings.max_batch, max_context=settings.max_context,
-                        max_queue=settings.max_queue + settings.max_batch,
-                        max_attention_floats=settings.max_attention_floats)
-        metrics = Metrics(settings.served_model_name, engine.max_context)
-        self.runner = EngineRunner(engine, metrics, settings)
-        log.info("worker %d ready: %s on %s, %d threads, %d slots × %d context", worker_id, settings.checkpoint,
-                 device, settings.torch_threads, engine.max_batch, engine.max_context)
+        served = {}
+        for name, checkpoint in settings.models().items():
+            model, tokenizer = load_checkpoint(checkpoint, device=device)
+            engine = Engine(model, tokenizer, max_batch=settings.max_batch, max_context=settings.max_context,
+                            max_queue=settings.max_queue + settings.max_batch,
+                            max_attention_floats=settings.max_attention_floats)
+            served[name] = Served(name, engine, Metrics(name, engine.max_context))
+            log.info("worker %d: %s from %s on %s, %d slots × %d context", worker_id, name, checkpoint, device,
+                     engine.max_batch, engine.max_context)
+        self.runner = EngineRunner(served, settings)
+        log.info("worker %d ready: %d model(s), %d threads", worker_id, len(served), settings.torch_threads)
 
-    def accept(self, request: GenerationRequest, send: Send) -> None:
+    def accept(self, model: str, request: GenerationRequest, send: Send) -> None:
         try:
-            self.runner.submit(request, send)
+            self.runner.submit(model, request, send)
         except Exception as e:  # a malformed internal request: fail it, keep the worker serving
             log.exception("request %s not accepted", getattr(request, "request_id", "?"))
             send(native.error_line("internal_error", f"request not accepted: {type(e).__name__}") + "\n")
@@ -66,9 +69,19 @@ class EngineAPI(WorkerAPI):
 
 
 @dataclass(slots=True)
+class Served:
+    """One served model in this worker: its engine and its metrics."""
+
+    name: str
+    engine: Engine
+    metrics: Metrics
+
+
+@dataclass(slots=True)
 class _Stream:
     """Where one request's messages go, and its lines not yet sent."""
 
+    model: Served
     send: Send
     pending: list[str] = field(default_factory=list)
     sent_token_at: float | None = None    # when a message last carried a token
@@ -84,10 +97,8 @@ class EngineRunner:
     process and the client's parser costs more than the token. The start event, the first token
     and the last event go at once; other tokens wait at most the interval and one step."""
 
-    def __init__(self, engine: Engine, metrics: Metrics, settings: Settings):
-        self.engine, self.metrics = engine, metrics
-        self.tokenizer = engine.tokenizer
-        self.model_name = settings.served_model_name
+    def __init__(self, models: dict[str, Served], settings: Settings):
+        self.models = models
         self.interval = settings.stream_interval_ms / 1e3
         self._streams: dict[str, _Stream] = {}
         self._tombstones: deque[str] = deque(maxlen=TOMBSTONES)
@@ -95,52 +106,60 @@ class EngineRunner:
         self._work = asyncio.Event()                   # set when a request or cancel arrives
         self._task: asyncio.Task | None = None
 
-    def submit(self, request: GenerationRequest, send: Send) -> None:
-        """Start a request, on the worker's event loop (where the engine task starts with the first
-        one). A request the engine refuses gets its error event at once."""
+    def submit(self, model: str, request: GenerationRequest, send: Send) -> None:
+        """Start a request for one model, on the worker's event loop (where the engine task starts
+        with the first one). A request the engine refuses gets its error event at once."""
         if self._task is None:
             self._loop = asyncio.get_running_loop()
             self._task = self._loop.create_task(self._run(), name="engine")
         if request.request_id in self._tombstones:     # its client left before it got here
             send(native.error_line("cancelled", "the client disconnected") + "\n")
             return
+        served = self.models[model]
         try:
-            self.engine.submit(request)
+            served.engine.submit(request)
         except RequestRefused as e:
             send(native.error_line(e.error_type, str(e), **e.details) + "\n")
         except QueueFull as e:
             send(native.error_line("overloaded", str(e)) + "\n")
         else:
-            self._streams[request.request_id] = _Stream(send)
+            self._streams[request.request_id] = _Stream(served, send)
             self._work.set()
-            self.metrics.waiting.set(self.engine.num_waiting)
+            served.metrics.waiting.set(served.engine.num_waiting)
 
     def cancel(self, request_id: str) -> None:
         """Stop a request, waiting or running, or refuse it if it arrives later (any thread)."""
         self._tombstones.append(request_id)
-        self.engine.cancel(request_id)
+        stream = self._streams.get(request_id)
+        for served in [stream.model] if stream is not None else self.models.values():
+            served.engine.cancel(request_id)
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._work.set)
 
     async def _run(self) -> None:
-        engine = self.engine
         while True:
-            if not engine.has_work():
+            busy = [served for served in self.models.values() if served.engine.has_work()]
+            if not busy:
                 self._work.clear()
                 await self._work.wait()
                 continue
-            if batch := engine.num_running:       # the requests this step decodes together
-                self.metrics.decode_batch.observe(batch)
-            try:
-                handles = engine.step()
-            except Exception as e:  # a bug or an out-of-memory: fail these requests, keep serving
-                log.exception("engine step failed")
-                handles = engine.fail_all("internal_error", f"generation failed: {type(e).__name__}")
-            self._deliver(handles)
-            self.metrics.running.set(engine.num_running)
-            self.metrics.waiting.set(engine.num_waiting)
-            self.metrics.kv_usage.set(engine.kv_usage)
+            for served in busy:                   # one step of each model with work, in turn
+                self._step(served)
             await asyncio.sleep(0)                # the loop takes new requests in
+
+    def _step(self, served: Served) -> None:
+        engine, m = served.engine, served.metrics
+        if batch := engine.num_running:           # the requests this step decodes together
+            m.decode_batch.observe(batch)
+        try:
+            handles = engine.step()
+        except Exception as e:  # a bug or an out-of-memory: fail these requests, keep serving
+            log.exception("engine step failed (%s)", served.name)
+            handles = engine.fail_all("internal_error", f"generation failed: {type(e).__name__}")
+        self._deliver(handles)
+        m.running.set(engine.num_running)
+        m.waiting.set(engine.num_waiting)
+        m.kv_usage.set(engine.kv_usage)
 
     def _deliver(self, handles: list[Handle]) -> None:
         """Format this step's events and send each request's lines that are due (see the class)."""
@@ -159,17 +178,17 @@ class EngineRunner:
                 stream.pending.clear()
 
     def _format(self, event, stream: _Stream) -> dict:
-        m = self.metrics
+        m, tokenizer = stream.model.metrics, stream.model.engine.tokenizer
         if isinstance(event, Token):
             if stream.last_token_at is not None:
                 m.itl.observe(event.time - stream.last_token_at)
             stream.last_token_at = event.time
-            return native.token_event(event, self.tokenizer)
+            return native.token_event(event, tokenizer)
         if isinstance(event, Started):
             m.queue_time.observe(event.queue_time)
             m.prompt_tokens.observe(len(event.prompt_ids))
             m.prompt_tokens_total.inc(len(event.prompt_ids))
-            return native.start_event(event, self.tokenizer, self.model_name)
+            return native.start_event(event, tokenizer, stream.model.name)
         if isinstance(event, Finished):   # (TTFT and e2e are timed in the HTTP process, from arrival)
             m.generation_tokens.observe(event.completion_tokens)
             m.generation_tokens_total.inc(event.completion_tokens)

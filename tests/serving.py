@@ -55,8 +55,13 @@ def _wait_group_gone(pgid: int, timeout: float) -> None:
 
 
 @contextmanager
-def running_server(tmp_dir: Path, *args: str, env: dict | None = None, ready_timeout: float = 90.0):
-    """Run `python -m server --port <free> *args` in its own process group until the block ends."""
+def running_server(tmp_dir: Path, *args: str, env: dict | None = None, ready_timeout: float = 90.0,
+                   shipped: bool = False):
+    """Run `python -m server --port <free> *args` in its own process group until the block ends. It
+    serves the calculator alone unless args name checkpoints, or `shipped` asks for the server's
+    default (every shipped model)."""
+    if not shipped and "--checkpoint" not in args:
+        args = ("--checkpoint", str(CHECKPOINT), *args)
     port = free_port()
     log = Path(tmp_dir) / f"server-{port}.log"
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("ATTNSERVE_")}  # only what we pass

@@ -51,6 +51,10 @@ MAX_CHAT_MESSAGES = 1024
 LOGPROB_FLOOR = -9999.0  # -inf logprobs (tokens a filter removed) are sent as this, as OpenAI does
 
 
+ModelName = Annotated[str | None, Field(max_length=256, description=(
+    "The served model to use (`/v1/models` lists them); null: the first, the default."))]
+
+
 # -- bases --------------------------------------------------------------------------------------
 class _Request(BaseModel):
     """Native requests: unknown fields are a 422 (a typo must not be silently ignored)."""

@@ -33,6 +33,7 @@ from server.schemas.common import (
     FrequencyPenalty,
     GreedySampling,
     Logprob,
+    ModelName,
     PresencePenalty,
     RepetitionPenalty,
     Sampling,
@@ -57,6 +58,7 @@ GENERATE_EXAMPLE = {
 class GenerateRequest(_Request):
     model_config = ConfigDict(json_schema_extra={"examples": [GENERATE_EXAMPLE]})
 
+    model: ModelName = None
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="The text to "
                         "continue (non-empty; it must fit in the model's context in tokens).")
     max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=1, le=MAX_NEW_TOKENS, description=(
@@ -171,6 +173,7 @@ def parse_stream_event(line: str | bytes) -> StartEvent | TokenEvent | DoneEvent
 
 # -- tokenizer and models -----------------------------------------------------------------------
 class TokenizeRequest(_Request):
+    model: ModelName = None
     text: str = Field(max_length=MAX_PROMPT_CHARS, description=(
         "Text to tokenize; may be empty (then only the special tokens, if added)."))
     add_special_tokens: bool = Field(True, description="Add BOS etc. as /v1/generate does.")
@@ -183,6 +186,7 @@ class TokenizeResponse(_OmitNone):
 
 
 class DetokenizeRequest(_Request):
+    model: ModelName = None
     ids: list[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]] = Field(
         max_length=MAX_DETOKENIZE_IDS, description="Token ids (checked against the vocabulary).")
 

@@ -38,6 +38,7 @@ from server.schemas.common import (
     FinishReason,
     FrequencyPenalty,
     Logprob,
+    ModelName,
     PresencePenalty,
     RepetitionPenalty,
     Sampling,
@@ -58,6 +59,7 @@ class ModelCard(_OmitNone):
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "attnserve"
     max_context: int
+    examples: list[str] | None = Field(None, description="Extension: example prompts from the model card.")
 
 
 class ModelList(_OmitNone):
@@ -90,7 +92,7 @@ class _OpenAIRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
-    model: str | None = Field(None, description="Accepted and ignored: one model is served.")
+    model: ModelName = None
     temperature: float = Field(1.0, ge=0, le=OPENAI_MAX_TEMPERATURE,
                                description="0 => greedy; else as OpenAI, in (0, 2].")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling; 1 is off.")
