@@ -52,7 +52,7 @@ from model.events import (
     Started,
     Token,
 )
-from model.logit_lens import position_lens, text_lens
+from model.logit_lens import position_lens, prompt_lens
 from model.sampling import Sampled, SamplingBatch, sample
 from model.stops import StopMatcher
 from model.tokenizer import Tokenizer
@@ -258,11 +258,10 @@ class Engine:
         last = -1 if min(lengths) == T else torch.tensor(lengths, device=self.device) - 1   # (B,)
         out = self.model(tokens, positions=positions, cache=self.cache, slots=slots, attn_layers=layers,
                          hidden_layers=hidden, logits_at=last)
-        rows = list(range(len(seqs)))                   # each generating sequence's batch row
-        if any(s.analyzing for s in seqs):
-            for row in [r for r in rows if seqs[r].analyzing]:
-                self._analyze(seqs[row], out, row, lengths[row])
-            rows = [r for r in rows if not seqs[r].analyzing]
+        for row in [r for r, s in enumerate(seqs) if s.analyzing]:
+            self._analyze(seqs[row], out, row, lengths[row])
+        rows = [r for r, s in enumerate(seqs) if not s.analyzing]   # the generating sequences' batch rows
+        if analyzed:
             seqs, lengths = [seqs[r] for r in rows], [lengths[r] for r in rows]
             if not seqs:
                 return [s.handle for s in analyzed]
@@ -334,21 +333,11 @@ class Engine:
 
     def _prefill_lens(self, seqs: list[_Sequence], out: ModelOutput, rows: list[int],
                       lengths: list[int]) -> dict[int, tuple[LensTop | None, LensTop]]:
-        """For each prefilled generation that asked for the lens (by its index in `seqs`): the
-        prompt's (L, n, k) rows if include_prompt, and its first token's (L, k): the last position's."""
-        lens, wants = {}, []
-        for i, (row, seq, n) in enumerate(zip(rows, seqs, lengths)):
-            if (spec := seq.request.lens) is None:
-                continue
-            if spec.include_prompt:
-                prompt = text_lens(self.model, out.hidden, seq.lens_layers, row=row, n=n, k=spec.top_k)
-                lens[i] = (prompt, LensTop(prompt.layers, prompt.ids[:, -1], prompt.probs[:, -1]))
-            else:
-                wants.append((i, (row, n - 1, spec)))
-        if wants:
-            tops = position_lens(self.model, out.hidden, [w for _, w in wants], self.model.config.n_layers)
-            lens |= {i: (None, top) for (i, _), top in zip(wants, tops)}
-        return lens
+        """(prompt rows or None, first token's rows) for each prefilled generation that asked for
+        the lens, by its index in `seqs`."""
+        wants = [(i, (row, n, s.request.lens)) for i, (row, s, n) in enumerate(zip(rows, seqs, lengths))
+                 if s.request.lens is not None]
+        return dict(zip([i for i, _ in wants], prompt_lens(self.model, out.hidden, [w for _, w in wants])))
 
     def _decode_lens(self, out: ModelOutput, running: list[_Sequence]) -> dict[int, LensTop]:
         """The (L, k) lens rows of this step's query, for each row that asked: one pass through the head."""

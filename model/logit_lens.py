@@ -64,3 +64,24 @@ def position_lens(model: Transformer, hidden: dict[int, Tensor],
         at = slice(None) if list(layers) == union else [union.index(layer) for layer in layers]
         out.append(LensTop(layers, ids[at, j, : spec.top_k], probs[at, j, : spec.top_k]))   # (L, k)
     return out
+
+
+def prompt_lens(model: Transformer, hidden: dict[int, Tensor],
+                wants: list[tuple[int, int, LensSpec]]) -> list[tuple[LensTop | None, LensTop]]:
+    """For prompts just prefilled, each (batch row, prompt length n, spec): the prompt's (L, n, k)
+    rows when the spec includes the prompt (else None), and the first generated token's (L, k)
+    rows: the last prompt position's, the same numbers as the prompt's last row."""
+    n_layers = model.config.n_layers
+    out: list[tuple[LensTop | None, LensTop] | None] = [None] * len(wants)
+    last_only = []
+    for j, (row, n, spec) in enumerate(wants):
+        if spec.include_prompt:
+            prompt = text_lens(model, hidden, spec.layer_ids(n_layers), row=row, n=n, k=spec.top_k)
+            out[j] = (prompt, LensTop(prompt.layers, prompt.ids[:, -1], prompt.probs[:, -1]))
+        else:
+            last_only.append(j)
+    if last_only:
+        tops = position_lens(model, hidden, [(wants[j][0], wants[j][1] - 1, wants[j][2]) for j in last_only], n_layers)
+        for j, top in zip(last_only, tops):
+            out[j] = (None, top)
+    return out
