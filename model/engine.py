@@ -3,6 +3,7 @@
     engine = Engine(model, tokenizer, max_batch=16)
     for event in engine.generate(GenerationRequest(prompt_ids=tokenizer.encode("two plus three equals"))):
         ...                                    # Started, then Token …, then Finished
+    engine.analyze(AnalysisRequest(ids=tokenizer.encode("two plus three equals five")))   # → Analyzed
 
 Each `step()`:
   1. applies cancellations (their slots are free for this very step);
@@ -11,11 +12,16 @@ Each `step()`:
   3. runs ONE batched decode step over every request that was already running, each slot at
      its own position, and samples one token per row;
   4. turns tokens into events: text deltas (incremental detokenization, stop strings withheld
-     until decided), logprobs, attention rows — and frees the slots of finished requests.
+     until decided), logprobs, attention rows, logit-lens rows — and frees the slots of finished
+     requests.
+An analyze request (`AnalysisRequest`) is prefill-only: it is admitted and prefilled like a prompt,
+batched with the step's other prompts, and leaves in the same step with one Analyzed event (see
+model/analysis.py) and its Finished; its slot is free again for the next group.
 
 `submit` and `cancel` are thread-safe; `step` belongs to one thread (the server runs it as a task
 on its worker's event loop, asleep while `has_work()` is false). Attention is computed on the
-explicit path only in steps where some request asked for it, and only for the layers asked for.
+explicit path only in steps where some request asked for it, and only for the layers asked for;
+the same holds for the residual streams the logit lens reads (model/logit_lens.py).
 """
 
 from __future__ import annotations
@@ -31,22 +37,27 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from model.analysis import analyze_row
 from model.detokenizer import IncrementalDetokenizer
 from model.events import (
+    AnalysisRequest,
+    Analyzed,
     AttentionSpec,
     Event,
     Failed,
     Finished,
     GenerationRequest,
+    LensTop,
     QueueFull,
     Started,
     Token,
 )
 from model.limits import Limits
+from model.logit_lens import position_lens, prompt_lens
 from model.sampling import Sampled, SamplingBatch, sample
 from model.stops import StopMatcher
 from model.tokenizer import Tokenizer
-from model.transformer import Transformer
+from model.transformer import ModelOutput, Transformer
 
 PREFILL_TOKENS = 4096   # padded prompt tokens per prefill forward (attention capture makes B·T² weights)
 
@@ -62,14 +73,16 @@ class Handle:
 
 @dataclass(eq=False)
 class _Sequence:
-    """The engine's side of one request."""
+    """The engine's side of one request (an analyze request uses the fields up to `admitted`)."""
 
-    request: GenerationRequest
+    request: GenerationRequest | AnalysisRequest
     handle: Handle
-    detokenizer: IncrementalDetokenizer
+    detokenizer: IncrementalDetokenizer | None
     stops: StopMatcher | None
     generator: torch.Generator | None
     submitted: float
+    ids: list[int]                      # the tokens to prefill: a prompt, or a text to analyze
+    analyzing: bool = False
     slot: int = -1
     length: int = 0                     # tokens in the slot's cache
     last_token: int = -1                # sampled, not yet fed to the model
@@ -78,6 +91,7 @@ class _Sequence:
     admitted: float = 0.0
     first_token: float | None = None
     layers: tuple[int, ...] = ()        # attention layers to capture
+    lens_layers: tuple[int, ...] = ()   # residual streams the logit lens reads
 
     @property
     def wants_penalties(self) -> bool:
@@ -107,19 +121,30 @@ class Engine:
         self._positions: Tensor | None = None        # (B, 1)
         self._next_tokens: Tensor | None = None      # (B, 1) the tokens that step sampled
         self._step_layers: list[int] = []
+        self._step_lens: list[int] = []              # layers whose residual streams the lens reads
         self._counts: Tensor | None = None           # (max_batch, V) generated-token counts, for penalties
         self._seen: Tensor | None = None             # (max_batch, V) tokens in prompt or output
 
     # -- the caller's side (any thread) ---------------------------------------------------------
-    def submit(self, request: GenerationRequest) -> Handle:
+    def submit(self, request: GenerationRequest | AnalysisRequest) -> Handle:
         self.limits.check(request)
         request.request_id = request.request_id or uuid.uuid4().hex
-        seq = _Sequence(request=request, handle=Handle(request.request_id),
-                        detokenizer=IncrementalDetokenizer(self.tokenizer, request.prompt_ids),
-                        stops=StopMatcher(request.stop) if request.stop else None,
-                        generator=self._generator(request.seed), submitted=time.perf_counter())
+        if isinstance(request, AnalysisRequest):
+            seq = _Sequence(request=request, handle=Handle(request.request_id), detokenizer=None, stops=None,
+                            generator=None, submitted=time.perf_counter(), ids=request.ids, analyzing=True)
+        else:
+            seq = _Sequence(request=request, handle=Handle(request.request_id),
+                            detokenizer=IncrementalDetokenizer(self.tokenizer, request.prompt_ids),
+                            stops=StopMatcher(request.stop) if request.stop else None,
+                            generator=self._generator(request.seed), submitted=time.perf_counter(),
+                            ids=request.prompt_ids)
+        n_layers = self.model.config.n_layers
         if request.attention is not None:
-            seq.layers = request.attention.layer_ids(self.model.config.n_layers)
+            seq.layers = request.attention.layer_ids(n_layers)
+        if request.lens is not None:
+            seq.lens_layers = request.lens.layer_ids(n_layers)
+        if seq.analyzing:                               # its logits come from the last layer's stream
+            seq.lens_layers = tuple(sorted({*seq.lens_layers, n_layers - 1}))
         with self._lock:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(self.max_queue)
@@ -147,7 +172,7 @@ class Engine:
         """Fraction of the cache's positions that running requests occupy."""
         return sum(s.length for s in self._active) / (self.max_batch * self.max_context)
 
-    def generate(self, request: GenerationRequest) -> Iterator[Event]:
+    def generate(self, request: GenerationRequest | AnalysisRequest) -> Iterator[Event]:
         """Submit and drive the engine from this thread until the request finishes."""
         handle = self.submit(request)
         try:
@@ -162,6 +187,13 @@ class Engine:
         finally:
             if not handle.finished:
                 self.cancel(handle.request_id)
+
+    def analyze(self, request: AnalysisRequest) -> Analyzed:
+        """Submit, drive the engine from this thread until the request is done, return its result."""
+        events = list(self.generate(request))
+        if not isinstance(events[0], Analyzed):
+            raise RuntimeError(f"analyze request {request.request_id} ended without a result: {events[-1]}")
+        return events[0]
 
     # -- the stepping thread ------------------------------------------------------------------
     @torch.inference_mode()
@@ -210,36 +242,48 @@ class Engine:
         for seq in seqs:
             seq.slot = heapq.heappop(self._free)
             seq.admitted = now
-        lengths = [len(s.request.prompt_ids) for s in seqs]
+        analyzed = [s for s in seqs if s.analyzing]
+        lengths = [len(s.ids) for s in seqs]
         T = max(lengths)
-        tokens = torch.tensor([s.request.prompt_ids + [0] * (T - n) for s, n in zip(seqs, lengths)],
+        tokens = torch.tensor([s.ids + [0] * (T - n) for s, n in zip(seqs, lengths)],
                               device=self.device)                                     # (B, T)
         positions = torch.arange(T, device=self.device).expand(len(seqs), T)
         slots = self._slot_index([s.slot for s in seqs])
         layers = sorted({layer for s in seqs for layer in s.layers})
+        hidden = sorted({layer for s in seqs for layer in s.lens_layers})
         last = -1 if min(lengths) == T else torch.tensor(lengths, device=self.device) - 1   # (B,)
         out = self.model(tokens, positions=positions, cache=self.cache, slots=slots, attn_layers=layers,
-                         logits_at=last)
+                         hidden_layers=hidden, logits_at=last)
+        for row in [r for r, s in enumerate(seqs) if s.analyzing]:
+            self._analyze(seqs[row], out, row, lengths[row])
+        rows = [r for r, s in enumerate(seqs) if not s.analyzing]   # the generating sequences' batch rows
+        if analyzed:
+            seqs, lengths = [seqs[r] for r in rows], [lengths[r] for r in rows]
+            if not seqs:
+                return [s.handle for s in analyzed]
         for seq, n in zip(seqs, lengths):
             seq.length = n
             if seq.wants_penalties:
                 self._reset_penalty_state(seq)
         self._active.extend(seqs)
         self._active.sort(key=lambda s: s.slot)
-        sampled = self._sample(out.logits[:, -1], seqs)
+        logits = out.logits[:, -1] if len(rows) == len(out.logits) else out.logits[rows, -1]   # (B', V)
+        sampled = self._sample(logits, seqs)
         token_ids = sampled.token_ids.tolist()
-        for row, (seq, n) in enumerate(zip(seqs, lengths)):
+        lens = self._prefill_lens(seqs, out, rows, lengths) if hidden else {}
+        for i, (row, seq, n) in enumerate(zip(rows, seqs, lengths)):
             spec = seq.request.attention
             weights = None
             if spec is not None:                                                    # (L, H, n, n)
                 weights = _select_heads(out.attentions, seq.layers, spec, row=row)[:, :, :n, :n]
+            prompt_lens, first_lens = lens.get(i, (None, None))
             seq.handle.events.append(Started(
                 request_id=seq.request.request_id, prompt_ids=list(seq.request.prompt_ids),
                 prompt_attention=weights if spec and spec.include_prompt else None,
-                queue_time=seq.admitted - seq.submitted))
+                queue_time=seq.admitted - seq.submitted, prompt_lens=prompt_lens))
             first_row = weights[:, :, -1] if weights is not None else None            # (L, H, n)
-            self._on_token(seq, token_ids[row], sampled, row, first_row)
-        return [s.handle for s in seqs]
+            self._on_token(seq, token_ids[i], sampled, i, first_row, lens=first_lens)
+        return [s.handle for s in [*analyzed, *seqs]]
 
     def _decode(self, running: list[_Sequence]) -> list[Handle]:
         if running == self._step_seqs:
@@ -252,21 +296,50 @@ class Engine:
             tokens = torch.tensor([[s.last_token] for s in running], device=self.device)   # (B, 1)
             self._positions = torch.tensor([[s.length] for s in running], device=self.device)  # (B, 1)
             self._step_layers = sorted({layer for s in running for layer in s.layers})
+            self._step_lens = sorted({layer for s in running for layer in s.lens_layers})
             self._step_seqs = list(running)
         out = self.model(tokens, positions=self._positions, cache=self.cache, slots=self._slots,
-                         attn_layers=self._step_layers)
+                         attn_layers=self._step_layers, hidden_layers=self._step_lens)
         for s in running:
             s.length += 1
         sampled = self._sample(out.logits[:, -1], running)
         self._next_tokens = sampled.token_ids[:, None]
         token_ids = sampled.token_ids.tolist()                # one device→host copy for the batch
+        lens = self._decode_lens(out, running) if self._step_lens else None
         for row, seq in enumerate(running):
             rows = None
             if seq.request.attention is not None:
                 rows = _select_heads(out.attentions, seq.layers, seq.request.attention, row=row)
                 rows = rows[:, :, 0, : seq.length]                                      # (L, H, S)
-            self._on_token(seq, token_ids[row], sampled, row, rows)
+            self._on_token(seq, token_ids[row], sampled, row, rows, lens=lens.get(row) if lens else None)
         return [s.handle for s in running]
+
+    def _analyze(self, seq: _Sequence, out: ModelOutput, row: int, n: int) -> None:
+        """An analyze request's result from its prefill row; its slot is free again at once."""
+        spec = seq.request.attention
+        weights = None
+        if spec is not None:                                                        # (L, H, n, n)
+            weights = _select_heads(out.attentions, seq.layers, spec, row=row)[:, :, :n, :n]
+        seq.handle.events.append(analyze_row(self.model, seq.request, out, row=row, attention=weights,
+                                             queue_time=seq.admitted - seq.submitted))
+        seq.first_token = time.perf_counter()                 # the result's time, for Finished.ttft
+        heapq.heappush(self._free, seq.slot)
+        seq.slot = -1
+        self._finish(seq, "stop")
+
+    def _prefill_lens(self, seqs: list[_Sequence], out: ModelOutput, rows: list[int],
+                      lengths: list[int]) -> dict[int, tuple[LensTop | None, LensTop]]:
+        """(prompt rows or None, first token's rows) for each prefilled generation that asked for
+        the lens, by its index in `seqs`."""
+        wants = [(i, (row, n, s.request.lens)) for i, (row, s, n) in enumerate(zip(rows, seqs, lengths))
+                 if s.request.lens is not None]
+        return dict(zip([i for i, _ in wants], prompt_lens(self.model, out.hidden, [w for _, w in wants])))
+
+    def _decode_lens(self, out: ModelOutput, running: list[_Sequence]) -> dict[int, LensTop]:
+        """The (L, k) lens rows of this step's query, for each row that asked: one pass through the head."""
+        wants = [(row, 0, s.request.lens) for row, s in enumerate(running) if s.request.lens is not None]
+        tops = position_lens(self.model, out.hidden, wants, self.model.config.n_layers)
+        return {row: top for (row, _, _), top in zip(wants, tops)}
 
     def _slot_index(self, slot_ids: list[int]) -> slice | Tensor:
         """A slice where the slots are consecutive (the cache reads them as a view), else a tensor."""
@@ -289,7 +362,7 @@ class Engine:
                       want_logprobs=any(s.request.logprobs is not None for s in seqs))
 
     def _on_token(self, seq: _Sequence, token_id: int, sampled: Sampled, row: int,
-                  attention: Tensor | None) -> None:
+                  attention: Tensor | None, *, lens: LensTop | None = None) -> None:
         request = seq.request
         seq.last_token = token_id
         seq.generated += 1
@@ -323,7 +396,8 @@ class Engine:
                        if lp != float("-inf")]
         seq.text.append(text)
         seq.handle.events.append(Token(request_id=request.request_id, index=seq.generated - 1, id=token_id,
-                                       text=text, logprob=logprob, top_logprobs=top, attention=attention))
+                                       text=text, logprob=logprob, top_logprobs=top, attention=attention,
+                                       lens=lens))
         if finish is not None:
             self._finish(seq, finish)
 
@@ -341,7 +415,7 @@ class Engine:
         now = time.perf_counter()
         seq.handle.events.append(Finished(
             request_id=seq.request.request_id, finish_reason=reason, text="".join(seq.text),
-            prompt_tokens=len(seq.request.prompt_ids), completion_tokens=seq.generated,
+            prompt_tokens=len(seq.ids), completion_tokens=seq.generated,
             queue_time=(seq.admitted or now) - seq.submitted,
             ttft=seq.first_token - seq.submitted if seq.first_token else None, total_time=now - seq.submitted))
         seq.handle.finished = True
@@ -368,8 +442,8 @@ def _prefill_groups(seqs: list[_Sequence]) -> list[list[_Sequence]]:
     batch holds at most PREFILL_TOKENS padded tokens unless one prompt alone is longer."""
     groups: list[list[_Sequence]] = []
     real = 0                                        # the last group's prompt tokens
-    for seq in sorted(seqs, key=lambda s: len(s.request.prompt_ids)):
-        n = len(seq.request.prompt_ids)             # the longest so far: the padded length
+    for seq in sorted(seqs, key=lambda s: len(s.ids)):
+        n = len(seq.ids)                            # the longest so far: the padded length
         padded = (len(groups[-1]) + 1) * n if groups else 0
         if groups and padded <= 2 * (real + n) and padded <= PREFILL_TOKENS:
             groups[-1].append(seq)

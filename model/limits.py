@@ -9,14 +9,16 @@ Torch-free: the HTTP schemas (and through them the Python client) import the bou
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from model.config import ModelConfig
-    from model.events import AttentionSpec, GenerationRequest
+    from model.events import AnalysisRequest, GenerationRequest
 
 MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI's top_logprobs
+MAX_LENS_TOP_K = 20  # logit-lens entries per layer and position
 FinishReason = Literal["stop", "length"]  # how a generation that ran to its end finished
 
 
@@ -47,7 +49,15 @@ class ContextLengthExceeded(RequestRefused):
 
 
 class AttentionPayloadTooLarge(RequestRefused):
+    """The attention and logit-lens numbers a request would send back exceed the server's limit."""
+
     error_type = "attention_payload_too_large"
+
+    def __init__(self, floats: int, limit: int):
+        super().__init__(f"this request's attention and logit lens would be {floats} numbers; the limit is "
+                         f"{limit}: ask for fewer layers or heads, heads \"mean\", a smaller top_k, a shorter "
+                         "text or fewer max_tokens, or include_prompt false", floats=floats, limit=limit)
+        self.floats, self.limit = floats, limit
 
 
 @dataclass(frozen=True)
@@ -56,7 +66,7 @@ class Limits:
     n_layers: int
     n_heads: int
     max_context: int                           # tokens per slot: prompt + generated
-    max_attention_floats: int | None = None    # the largest attention payload of one request; None: any
+    max_attention_floats: int | None = None    # the most attention + lens numbers one request gets back
 
     @classmethod
     def of(cls, config: ModelConfig, *, max_context: int | None = None,
@@ -66,39 +76,76 @@ class Limits:
                    max_context=min(max_context or config.max_context, config.max_context),
                    max_attention_floats=max_attention_floats)
 
-    def check(self, request: GenerationRequest) -> None:
+    def check(self, request: GenerationRequest | AnalysisRequest) -> None:
         """Raise a RequestRefused naming the field and the limit, for a request that can't run."""
-        n = len(request.prompt_ids)
-        if n == 0:
-            raise InvalidRequest("the prompt is empty (prompt_ids has no tokens)", param="prompt_ids")
-        if n > self.max_context:
-            raise ContextLengthExceeded(n, self.max_context)
-        if bad := [t for t in request.prompt_ids if not 0 <= t < self.vocab_size][:5]:
-            raise InvalidRequest(f"token ids must be in [0, {self.vocab_size}), got {bad}", param="prompt_ids")
-        if request.max_tokens < 1:
-            raise InvalidRequest(f"max_tokens must be >= 1, got {request.max_tokens}", param="max_tokens")
-        if request.logprobs is not None and not 0 <= request.logprobs <= MAX_LOGPROBS:
-            raise InvalidRequest(f"logprobs must be in [0, {MAX_LOGPROBS}], got {request.logprobs}",
-                                 param="logprobs")
-        if request.attention is not None:
-            self._check_attention(request.attention, n, request.max_tokens)
+        if hasattr(request, "prompt_ids"):                 # a GenerationRequest
+            self._check_ids(request.prompt_ids, "prompt_ids")
+            if request.max_tokens < 1:
+                raise InvalidRequest(f"max_tokens must be >= 1, got {request.max_tokens}", param="max_tokens")
+            if request.logprobs is not None:
+                self._check_logprobs(request.logprobs)
+        else:                                               # an AnalysisRequest
+            self._check_ids(request.ids, "ids")
+            self._check_logprobs(request.logprobs)
+            n, start = len(request.ids), request.completion_start
+            if start is not None and not 1 <= start < n:
+                raise InvalidRequest(f"completion_start must be in [1, {n - 1}] (an index into the {n} ids, "
+                                     f"after the first), got {start}", param="completion")
+        if (spec := request.attention) is not None:
+            self._check_indices(spec.layers, "attention.layers", self.n_layers)
+            self._check_indices(spec.heads, "attention.heads", self.n_heads)
+        if (lens := request.lens) is not None:
+            self._check_indices(lens.layers, "logit_lens.layers", self.n_layers)
+            top = min(MAX_LENS_TOP_K, self.vocab_size)
+            if isinstance(lens.top_k, bool) or not isinstance(lens.top_k, int) or not 1 <= lens.top_k <= top:
+                raise InvalidRequest(f"logit_lens.top_k must be an int in [1, {top}], got {lens.top_k!r}",
+                                     param="logit_lens.top_k")
+        limit = self.max_attention_floats
+        if limit is not None and (floats := self.payload_floats(request)) > limit:
+            raise AttentionPayloadTooLarge(floats, limit)
 
-    def _check_attention(self, spec: AttentionSpec, n: int, max_tokens: int) -> None:
-        for name, values, limit in (("layers", spec.layers, self.n_layers), ("heads", spec.heads, self.n_heads)):
-            if not isinstance(values, str) and not all(0 <= i < limit for i in values):
-                raise InvalidRequest(f"attention.{name} must be indices in [0, {limit}), got {list(values)}",
-                                     param=f"attention.{name}")
-        if self.max_attention_floats is None:
+    def payload_floats(self, request: GenerationRequest | AnalysisRequest) -> int:
+        """How many numbers the request's attention and logit lens would send back, at most: one
+        per attention weight (layer, head, query, causal key) and two per lens entry (id, prob).
+
+        A generation's tokens are counted up to its max_tokens or the context's end, whichever
+        comes first; token i's attention row has n + i keys (n = prompt length)."""
+        if hasattr(request, "prompt_ids"):
+            n = len(request.prompt_ids)
+            generated = max(0, min(request.max_tokens, self.max_context - n + 1))
+            rows, positions = generated * n + generated * (generated - 1) // 2, generated
+            if request.attention is not None and request.attention.include_prompt:
+                rows += n * (n + 1) // 2
+            if request.lens is not None and request.lens.include_prompt:
+                positions += n
+        else:
+            n = len(request.ids)
+            rows, positions = n * (n + 1) // 2, n                  # every query q over keys 0..q
+        floats = 0
+        if (spec := request.attention) is not None:
+            floats += len(spec.layer_ids(self.n_layers)) * spec.head_count(self.n_heads) * rows
+        if (lens := request.lens) is not None:
+            floats += 2 * len(lens.layer_ids(self.n_layers)) * lens.top_k * positions
+        return floats
+
+    def _check_ids(self, ids: Sequence[int], name: str) -> None:
+        if not ids:
+            raise InvalidRequest(f"{name} is empty: there is nothing to read", param=name)
+        if len(ids) > self.max_context:
+            raise ContextLengthExceeded(len(ids), self.max_context)
+        if bad := [t for t in ids if not 0 <= t < self.vocab_size][:5]:
+            raise InvalidRequest(f"{name} must be token ids in [0, {self.vocab_size}), got {bad}", param=name)
+
+    @staticmethod
+    def _check_logprobs(logprobs: int) -> None:
+        if not 0 <= logprobs <= MAX_LOGPROBS:
+            raise InvalidRequest(f"logprobs must be in [0, {MAX_LOGPROBS}], got {logprobs}", param="logprobs")
+
+    @staticmethod
+    def _check_indices(values: str | Sequence[int], name: str, limit: int) -> None:
+        if isinstance(values, str):
             return
-        layers, heads = len(spec.layer_ids(self.n_layers)), spec.head_count(self.n_heads)
-        generated = min(max_tokens, self.max_context - n + 1)
-        rows = generated * n + generated * (generated - 1) // 2     # token i's row has n + i keys
-        if spec.include_prompt:
-            rows += n * (n + 1) // 2
-        floats = layers * heads * rows
-        if floats > self.max_attention_floats:
-            raise AttentionPayloadTooLarge(
-                f"this request's attention would be {floats} numbers ({layers} layers × {heads} heads × "
-                f"{rows} rows·keys); the limit is {self.max_attention_floats}: ask for fewer layers or "
-                "heads, heads \"mean\", fewer max_tokens, or include_prompt false",
-                floats=floats, limit=self.max_attention_floats)
+        if not values:
+            raise InvalidRequest(f"{name} must be a non-empty list of indices in [0, {limit}), got []", param=name)
+        if not all(0 <= i < limit for i in values):
+            raise InvalidRequest(f"{name} must be indices in [0, {limit}), got {list(values)}", param=name)

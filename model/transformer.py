@@ -85,6 +85,7 @@ class Block(nn.Module):
 class ModelOutput:
     logits: Tensor                                          # (B, T, V), or (B, 1, V) with logits_at
     attentions: dict[int, Tensor] = field(default_factory=dict)  # layer → (B, nh, T, S) weights
+    hidden: dict[int, Tensor] = field(default_factory=dict)      # layer → (B, T, C) residual after it
 
 
 class Transformer(nn.Module):
@@ -140,7 +141,8 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: Tensor, *, positions: Tensor | None = None,
                 cache: KVCache | None = None, slots: Slots | None = None,
-                attn_layers: Collection[int] = (), logits_at: int | Tensor | None = None) -> ModelOutput:
+                attn_layers: Collection[int] = (), hidden_layers: Collection[int] = (),
+                logits_at: int | Tensor | None = None) -> ModelOutput:
         """tokens (B, T) → logits.
 
         Without a cache: a full causal forward over positions 0 … T-1 (training, recompute).
@@ -148,18 +150,22 @@ class Transformer(nn.Module):
         row; their keys/values are written into `slots` (B rows) and each query attends to its
         slot's keys 0 … its position.
         `attn_layers`: layers whose post-softmax weights to return (explicit path there).
+        `hidden_layers`: layers whose output, the residual stream after them, to return (for the
+        logit lens, `logit_lens`; the last layer's is what the logits are computed from).
         `logits_at`: compute logits at one position per row only — an int for the same position in
         every row (-1: the last), or a (B,) tensor (rows right-padded to different lengths).
         """
         B, T = tokens.shape
         cos, sin, mask, at = self._prepare(tokens, positions, cache, slots)
         x = self.embed_tokens(tokens.reshape(B * T))              # (B·T, C): one row per token
-        attentions = {}
+        attentions, hidden = {}, {}
         for i, block in enumerate(self.layers):
             x, weights = block(x, cos, sin, mask, cache, at, i in attn_layers)
             if weights is not None:
                 attentions[i] = weights
-        return ModelOutput(self._logits(x.view(B, T, -1), logits_at), attentions)
+            if i in hidden_layers:
+                hidden[i] = x.view(B, T, -1)                   # (B, T, C); later layers make new tensors
+        return ModelOutput(self._logits(x.view(B, T, -1), logits_at), attentions, hidden)
 
     def _prepare(self, tokens: Tensor, positions: Tensor | None, cache: KVCache | None,
                  slots: Slots | None) -> tuple[Tensor, Tensor, Tensor | None, CacheIndex | None]:
@@ -191,6 +197,11 @@ class Transformer(nn.Module):
         elif logits_at is not None:
             x = x[torch.arange(x.shape[0], device=x.device), logits_at].unsqueeze(1)
         return self.lm_head(self.norm(x))
+
+    def logit_lens(self, hidden: Tensor) -> Tensor:
+        """Residual-stream vectors (..., C) → lm_head(final_norm(·)) logits (..., V): what the model
+        would predict if it stopped there. On the last layer's output these are the logits."""
+        return self._logits(hidden, None)
 
     @property
     def num_parameters(self) -> int:
