@@ -29,6 +29,8 @@ from server.bridge import INTERNAL_PATH, AttnServer, Bridge, EventStream, Links,
 from server.errors import ERROR_STATUS, ApiError
 from server.openai_compat import DONE, OpenAIFormatter, sse
 from server.schemas import (
+    AnalyzeRequest,
+    AnalyzeResponse,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
@@ -172,6 +174,18 @@ def add_routes(app: FastAPI, models: Models, bridge: Bridge, auth, *, ready) -> 
                   "description": "One chat completion, or server-sent chunks ending `data: [DONE]`."}})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         return await openai_route(body, request, "chat")
+
+    @app.post("/v1/analyze", response_model=AnalyzeResponse, dependencies=guarded, responses=ERRORS)
+    async def analyze(body: AnalyzeRequest, request: Request):
+        """One teacher-forced forward over a given text: logprobs, attention, logit lens (API.md)."""
+        service = served(request, body.model)
+        stream = await _unless_client_leaves(service.open(bridge, service.analysis(body)), request)
+        events = await _collect(stream, request)
+        if events[-1]["type"] == "error":
+            return _error_response(events[-1])
+        analysis = events[0]
+        del analysis["type"]
+        return JSONResponse(analysis)
 
     @app.get("/v1/models", response_model=ModelList, dependencies=guarded)
     async def model_list() -> ModelList:

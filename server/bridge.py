@@ -46,7 +46,7 @@ from litserve.transport.zmq_queue import Broker
 from litserve.transport.zmq_transport import ZMQTransport
 from litserve.utils import LitAPIStatus, LoopResponseType, ResponseBufferItem, WorkerSetupStatus
 
-from model.events import GenerationRequest
+from model.events import AnalysisRequest, GenerationRequest
 from server import native
 from server.errors import ERROR_STATUS, ApiError
 from server.metrics import Metrics
@@ -83,7 +83,7 @@ class WorkerAPI(ls.LitAPI):
     def load(self, device: str, worker_id: int) -> None:
         raise NotImplementedError
 
-    def accept(self, model: str, request: GenerationRequest, send: Send) -> None:
+    def accept(self, model: str, request: GenerationRequest | AnalysisRequest, send: Send) -> None:
         """Start one request for `model` (on the worker's event loop); its messages go to `send`."""
         raise NotImplementedError
 
@@ -235,7 +235,7 @@ class Bridge:
             os.set_blocking(writer.fileno(), False)   # a stuck worker must never block the event loop
         self.max_request_seconds = max_request_seconds
 
-    async def open(self, request: GenerationRequest, *, model: str, metrics: Metrics) -> EventStream:
+    async def open(self, request: GenerationRequest | AnalysisRequest, *, model: str, metrics: Metrics) -> EventStream:
         """Admit, submit to `model` and wait for the first event; raise ApiError if the worker refused.
         The stream's latencies and errors are counted in `metrics`."""
         self.admission.enter()

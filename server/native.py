@@ -12,10 +12,11 @@ import json
 
 from torch import Tensor
 
-from model.events import Failed, Finished, Started, Token
+from model.events import Analyzed, Failed, Finished, LensTop, Started, Token
 from model.tokenizer import Tokenizer
 
 DECIMALS = 5  # attention probabilities are rounded: rows still sum to 1 ± 1e-4
+LENS_DECIMALS = 6  # logit-lens probabilities
 TOKEN_LINE = '{"type":"token"'  # how `line` writes a token event: the HTTP side passes those through
 
 
@@ -29,6 +30,8 @@ def start_event(event: Started, tokenizer: Tokenizer, model_name: str) -> dict:
            "prompt_tokens": [{"id": i, "text": tokenizer.token_text(i)} for i in event.prompt_ids]}
     if event.prompt_attention is not None:
         out["prompt_attention"] = ragged_rows(event.prompt_attention)
+    if event.prompt_lens is not None:
+        out["prompt_logit_lens"] = lens_entries(event.prompt_lens, tokenizer)
     return out
 
 
@@ -41,7 +44,40 @@ def token_event(event: Token, tokenizer: Tokenizer) -> dict:
                                for i, lp in event.top_logprobs]
     if event.attention is not None:
         out["attention"] = event.attention.double().round(decimals=DECIMALS).tolist()
+    if event.lens is not None:
+        out["logit_lens"] = lens_entries(event.lens, tokenizer)
     return out
+
+
+def analysis_event(event: Analyzed, tokenizer: Tokenizer, model_name: str) -> dict:
+    """An analysis as one event: the body of API.md's /v1/analyze response, with "type"."""
+    tokens = []
+    for i, (token, logprob) in enumerate(zip(event.ids, event.logprobs)):
+        entry = {"id": token, "text": tokenizer.token_text(token), "logprob": logprob}
+        if event.top_logprobs is not None:
+            entry["top_logprobs"] = [{"id": t, "text": tokenizer.token_text(t), "logprob": lp}
+                                     for t, lp in event.top_logprobs[i]]
+        tokens.append(entry)
+    out = {"type": "analysis", "id": f"ana-{event.request_id}", "model": model_name, "tokens": tokens}
+    if event.attention is not None:
+        out["attention"] = ragged_rows(event.attention)
+    if event.lens is not None:
+        out["logit_lens"] = {"layers": list(event.lens.layers), "top": lens_entries(event.lens, tokenizer)}
+    if event.completion_logprob is not None:
+        out["completion_logprob"] = event.completion_logprob
+    out["usage"] = {"prompt_tokens": len(event.ids), "total_tokens": len(event.ids)}
+    return out
+
+
+def lens_entries(lens: LensTop, tokenizer: Tokenizer) -> list:
+    """Logit-lens rows → [layer](…)[k] of {id, text, prob}: (L, k) rows for one position, (L, T, k) for many."""
+    probs = lens.probs.double().round(decimals=LENS_DECIMALS).tolist()
+
+    def entries(ids: list, ps: list) -> list:
+        if ids and isinstance(ids[0], list):
+            return [entries(i, p) for i, p in zip(ids, ps)]
+        return [{"id": i, "text": tokenizer.token_text(i), "prob": p} for i, p in zip(ids, ps)]
+    return entries(lens.ids.tolist(), probs)
 
 
 def done_event(event: Finished) -> dict:
@@ -79,6 +115,7 @@ def collect(events: list[dict]) -> dict:
                 "tokens": [{k: v for k, v in t.items() if k not in ("type", "index")} for t in tokens],
                 "prompt_tokens": start["prompt_tokens"], "finish_reason": done["finish_reason"],
                 "usage": done["usage"], "timings": done["timings"]}
-    if "prompt_attention" in start:
-        response["prompt_attention"] = start["prompt_attention"]
+    for name in ("prompt_attention", "prompt_logit_lens"):
+        if name in start:
+            response[name] = start[name]
     return response

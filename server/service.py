@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from model.config import ModelConfig
-from model.events import AttentionSpec, GenerationRequest
+from model.events import AnalysisRequest, AttentionSpec, GenerationRequest, LensSpec
 from model.limits import Limits, RequestRefused
 from model.sampling import SamplingParams
 from model.tokenizer import Tokenizer
@@ -21,7 +21,7 @@ from server.bridge import Bridge, EventStream
 from server.chat import ChatTemplate
 from server.errors import ApiError
 from server.metrics import Metrics
-from server.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest, ModelCard
+from server.schemas import AnalyzeRequest, ChatCompletionRequest, CompletionRequest, GenerateRequest, ModelCard
 from server.settings import Settings
 
 CARD_FILE = "model_card.json"
@@ -66,18 +66,40 @@ class Service:
     def request(self, body: GenerateRequest | CompletionRequest | ChatCompletionRequest,
                 prompt_ids: list[int]) -> GenerationRequest:
         """The engine's request for a validated body; ApiError (400) if the model can't run it."""
-        attention = body.attention
-        request = GenerationRequest(
+        attention, lens = body.attention, getattr(body, "logit_lens", None)
+        return self._checked(GenerationRequest(
             prompt_ids=prompt_ids, max_tokens=body.max_new_tokens(), sampling=SamplingParams(**body.sampling_params()),
             seed=body.seed, stop=tuple(body.stop), logprobs=body.num_logprobs(), ignore_eos=body.ignore_eos,
-            attention=AttentionSpec(**attention.spec_kwargs()) if attention is not None else None)
+            attention=AttentionSpec(**attention.spec_kwargs()) if attention is not None else None,
+            lens=LensSpec(**lens.spec_kwargs()) if lens is not None else None))
+
+    def analysis(self, body: AnalyzeRequest) -> AnalysisRequest:
+        """The engine's analysis of a validated /v1/analyze body; ApiError (400) if the model can't run it."""
+        completion_start = None
+        if body.ids is not None:
+            ids = body.ids
+        elif body.text is not None:
+            ids = self.encode(body.text)
+        else:
+            ids = self.encode(body.prompt + body.completion)
+            completion_start = len(self.encode(body.prompt))
+            if completion_start >= len(ids):
+                raise ApiError(400, "invalid_request", f"the completion {body.completion!r} adds no token after the "
+                               f"prompt's {completion_start}", param="completion")
+        attention = body.attention
+        return self._checked(AnalysisRequest(
+            ids=ids, logprobs=body.logprobs, completion_start=completion_start,
+            attention=AttentionSpec(**attention.spec_kwargs()) if attention is not None else None,
+            lens=LensSpec(**body.logit_lens.spec_kwargs()) if body.logit_lens is not None else None))
+
+    def _checked(self, request: GenerationRequest | AnalysisRequest):
         try:
             self.limits.check(request)
         except RequestRefused as e:
             raise ApiError.refused(e) from None
         return request
 
-    async def open(self, bridge: Bridge, request: GenerationRequest) -> EventStream:
+    async def open(self, bridge: Bridge, request: GenerationRequest | AnalysisRequest) -> EventStream:
         """Hand a request for this model to a worker (see `Bridge.open`)."""
         return await bridge.open(request, model=self.model_name, metrics=self.metrics)
 

@@ -25,7 +25,7 @@ import torch
 
 from model.checkpoint import load_checkpoint
 from model.engine import Engine, Handle
-from model.events import Failed, Finished, GenerationRequest, QueueFull, Started, Token
+from model.events import AnalysisRequest, Analyzed, Failed, Finished, GenerationRequest, QueueFull, Started, Token
 from model.limits import RequestRefused
 from server import native
 from server.bridge import Links, Send, WorkerAPI
@@ -57,7 +57,7 @@ class EngineAPI(WorkerAPI):
         self.runner = EngineRunner(served, settings)
         log.info("worker %d ready: %d model(s), %d threads", worker_id, len(served), settings.torch_threads)
 
-    def accept(self, model: str, request: GenerationRequest, send: Send) -> None:
+    def accept(self, model: str, request: GenerationRequest | AnalysisRequest, send: Send) -> None:
         try:
             self.runner.submit(model, request, send)
         except Exception as e:  # a malformed internal request: fail it, keep the worker serving
@@ -106,7 +106,7 @@ class EngineRunner:
         self._work = asyncio.Event()                   # set when a request or cancel arrives
         self._task: asyncio.Task | None = None
 
-    def submit(self, model: str, request: GenerationRequest, send: Send) -> None:
+    def submit(self, model: str, request: GenerationRequest | AnalysisRequest, send: Send) -> None:
         """Start a request for one model, on the worker's event loop (where the engine task starts
         with the first one). A request the engine refuses gets its error event at once."""
         if self._task is None:
@@ -189,6 +189,11 @@ class EngineRunner:
             m.prompt_tokens.observe(len(event.prompt_ids))
             m.prompt_tokens_total.inc(len(event.prompt_ids))
             return native.start_event(event, tokenizer, stream.model.name)
+        if isinstance(event, Analyzed):
+            m.queue_time.observe(event.queue_time)
+            m.prompt_tokens.observe(len(event.ids))
+            m.prompt_tokens_total.inc(len(event.ids))
+            return native.analysis_event(event, tokenizer, stream.model.name)
         if isinstance(event, Finished):   # (TTFT and e2e are timed in the HTTP process, from arrival)
             m.generation_tokens.observe(event.completion_tokens)
             m.generation_tokens_total.inc(event.completion_tokens)

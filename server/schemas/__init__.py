@@ -3,6 +3,7 @@
     common.py   limits, bases, sampling, attention selection, the sampling-knob rule, errors
     native.py   /v1/generate (and its NDJSON events), /v1/tokenize, /v1/detokenize
     openai.py   /v1/completions, /v1/chat/completions, /v1/models
+    analyze.py  /v1/analyze
 
 Torch-free on purpose: these modules import only pydantic, the standard library and the torch-free
 `model.limits`, so the Python client can import them without torch, LitServe or FastAPI.
@@ -13,6 +14,7 @@ vocabulary) is `model.limits.Limits.check`, answered with 400. `model_construct`
 including the logprob floor (-inf → LOGPROB_FLOOR).
 """
 
+from server.schemas.analyze import *  # noqa: F403
 from server.schemas.common import *  # noqa: F403
 from server.schemas.native import *  # noqa: F403
 from server.schemas.openai import *  # noqa: F403

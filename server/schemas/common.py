@@ -24,7 +24,7 @@ from pydantic import (
     model_serializer,
 )
 
-from model.limits import MAX_LOGPROBS, FinishReason  # noqa: F401  (the engine's bounds, published here)
+from model.limits import MAX_LENS_TOP_K, MAX_LOGPROBS, FinishReason  # noqa: F401  (the engine's bounds, published here)
 
 # -- limits: the one place the server, the client and the docs take them from ------------------
 MAX_PROMPT_CHARS = 1_000_000  # a cheap bound; the real limit is tokens (max_context), the server's
@@ -231,12 +231,13 @@ Indices = Annotated[list[Annotated[int, Field(ge=0, le=MAX_ATTENTION_INDEX)]],
                     Tag("list")]
 
 
+Layers = Annotated[Annotated[Literal["all"], Tag("word")] | Indices, Discriminator(_word_or_list), _words("all")]
+
+
 class AttentionRequest(_Request):
     """Which attention weights to return; layout [layer][head][query][key] (API.md)."""
 
-    layers: Annotated[Annotated[Literal["all"], Tag("word")] | Indices,
-                      Discriminator(_word_or_list), _words("all")] = Field(
-        "all", description='"all" or a list of layer indices (unique, in the order returned).')
+    layers: Layers = Field("all", description='"all" or a list of layer indices (unique, in the order returned).')
     heads: Annotated[Annotated[Literal["all", "mean"], Tag("word")] | Indices,
                      Discriminator(_word_or_list), _words("all", "mean")] = Field(
         "all", description='"all", "mean" (the average over heads: one head entry) '
@@ -248,6 +249,35 @@ class AttentionRequest(_Request):
         return {"layers": self.layers if isinstance(self.layers, str) else tuple(self.layers),
                 "heads": self.heads if isinstance(self.heads, str) else tuple(self.heads),
                 "include_prompt": self.include_prompt}
+
+
+class LensRequest(_Request):
+    """Which logit-lens rows to return: for each layer ℓ and position, the top_k of
+    softmax(lm_head(final_norm(h_ℓ))), h_ℓ the residual stream after layer ℓ (0-based)."""
+
+    layers: Layers = Field("all", description='"all" or a list of layer indices (unique, in the order returned).')
+    top_k: int = Field(5, ge=1, le=MAX_LENS_TOP_K,
+                       description=f"Entries per layer and position, 1 to {MAX_LENS_TOP_K}.")
+
+    def spec_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for model.events.LensSpec."""
+        return {"layers": self.layers if isinstance(self.layers, str) else tuple(self.layers), "top_k": self.top_k}
+
+
+class GenerateLensRequest(LensRequest):
+    include_prompt: bool = Field(False, description="Also return the prompt's lens (`prompt_logit_lens` on start).")
+
+    def spec_kwargs(self) -> dict[str, Any]:
+        return super().spec_kwargs() | {"include_prompt": self.include_prompt}
+
+
+class LensEntry(_OmitNone):
+    id: int
+    text: str
+    prob: float = Field(description="Its probability under that layer's lens.")
+
+
+LensRows = list[list[LensEntry]]  # [layer][k]: one position's lens
 
 
 

@@ -31,7 +31,9 @@ from server.schemas.common import (
     ErrorInfo,
     FinishReason,
     FrequencyPenalty,
+    GenerateLensRequest,
     GreedySampling,
+    LensRows,
     Logprob,
     ModelName,
     PresencePenalty,
@@ -76,6 +78,8 @@ class GenerateRequest(_Request):
     ignore_eos: bool = Field(False, description="Keep generating past the end-of-sequence token.")
     attention: AttentionRequest | None = Field(None, description=(
         "Return attention weights; null (the default) does no attention work at all."))
+    logit_lens: GenerateLensRequest | None = Field(None, description=(
+        "Return each token's logit lens (the step that produced it); null: none."))
 
     def sampling_params(self) -> dict[str, Any]:
         """Keyword arguments for model.sampling.SamplingParams (see `sampling_params_dict`)."""
@@ -104,7 +108,8 @@ class GeneratedToken(_OmitNone):
     top_logprobs: list[TopLogprob] | None = Field(None, description="Present when logprobs > 0.")
     attention: AttentionRows | None = Field(None, description=(
         "[layer][head][key]: the attention row of the step that produced this token."))
-
+    logit_lens: LensRows | None = Field(None, description=(
+        "[layer][k]: the logit lens of the step that produced this token."))
 
 
 class Timings(_OmitNone):
@@ -123,6 +128,8 @@ class GenerateResponse(_OmitNone):
     prompt_tokens: list[TokenInfo]
     prompt_attention: AttentionMatrix | None = Field(None, description=(
         "[layer][head][query][key] over the prompt; present when attention.include_prompt."))
+    prompt_logit_lens: list[LensRows] | None = Field(None, description=(
+        "[layer][q][k] over the prompt; present when logit_lens.include_prompt."))
     finish_reason: FinishReason
     usage: Usage
     timings: Timings
@@ -134,6 +141,7 @@ class StartEvent(_OmitNone):
     model: str
     prompt_tokens: list[TokenInfo]
     prompt_attention: AttentionMatrix | None = None
+    prompt_logit_lens: list[LensRows] | None = None
 
 
 class TokenEvent(_OmitNone):
@@ -144,6 +152,7 @@ class TokenEvent(_OmitNone):
     logprob: Logprob | None = None
     top_logprobs: list[TopLogprob] | None = None
     attention: AttentionRows | None = None
+    logit_lens: LensRows | None = None
 
 
 class DoneEvent(_OmitNone):
