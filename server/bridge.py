@@ -17,6 +17,7 @@ that took its request (LitServe's START message names it).
 
 Work-arounds for LitServe 0.2.19, all here:
 - its ZMQ transport factory swaps the two addresses (requests hang): `use_zmq` builds it right;
+  its publisher's start-up ping kills the first HTTP process's reader: `_ZMQTransport` sends none;
 - a killed worker leaves its `get()` pending in the request queue's manager, which would swallow
   the next request: a restarted worker feeds it a no-op first (`WorkerAPI.setup`);
 - a dead worker's streams are never ended in the HTTP processes: `EventStream` ends them itself;
@@ -40,9 +41,10 @@ from collections.abc import Callable
 
 import litserve as ls
 import litserve.transport.factory as transport_factory
+import zmq
 from litserve.loops.base import _SENTINEL_VALUE, LitLoop
 from litserve.server import StreamingRequestHandler
-from litserve.transport.zmq_queue import Broker
+from litserve.transport.zmq_queue import Broker, Producer
 from litserve.transport.zmq_transport import ZMQTransport
 from litserve.utils import LitAPIStatus, LoopResponseType, ResponseBufferItem, WorkerSetupStatus
 
@@ -181,7 +183,15 @@ class AttnServer(ls.LitServer):
 
 
 class _ZMQTransport(ZMQTransport):
-    """LitServe's ZMQ transport, closable in processes that never used it."""
+    """LitServe's ZMQ transport, closable in processes that never used it, and without the ping its
+    publisher sends to consumer 0 on start: that consumer cannot unpickle it, and its reader task
+    then stops for good — every later answer to that HTTP process was lost (seen ~1 start in 10)."""
+
+    def setup(self, operation, consumer_id: int | None = None) -> None:
+        if operation != zmq.PUB:
+            return super().setup(operation, consumer_id)
+        self._zmq = Producer(address=self.backend_address)
+        time.sleep(0.1)                   # as LitServe's: let the connection to the broker settle
 
     def close(self, **kwargs) -> None:
         if self._zmq:
