@@ -105,7 +105,10 @@ class Service:
 
     def model_card(self) -> ModelCard:
         """This model's entry in /v1/models."""
-        return ModelCard(id=self.model_name, max_context=self.max_context, examples=self.card.get("examples"))
+        best = self.card.get("metrics", {}).get("attention_probe", {}).get("best_head")
+        focus = {"layer": best["layer"], "head": best["head"]} if best else None
+        return ModelCard(id=self.model_name, max_context=self.max_context, examples=self.card.get("examples"),
+                         attention_focus=focus)
 
     def prompt_ids(self, body: GenerateRequest | CompletionRequest | ChatCompletionRequest) -> list[int]:
         """The body's prompt as token ids (a chat's messages rendered by the chat template)."""

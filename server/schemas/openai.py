@@ -53,13 +53,26 @@ from server.schemas.common import (
 )
 
 
+class Example(_OmitNone):
+    prompt: str
+    completion: str | None = Field(None, description="What the model is expected to continue with.")
+
+
+class AttentionFocus(_OmitNone):
+    layer: int
+    head: int
+    position: Literal["last"] = Field("last", description="The query position it is measured at: the prompt's last.")
+
+
 class ModelCard(_OmitNone):
     id: str = Field(description="The served model name.")
     object: Literal["model"] = "model"
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "attnserve"
     max_context: int
-    examples: list[str] | None = Field(None, description="Extension: example prompts from the model card.")
+    examples: list[Example] | None = Field(None, description="Extension: example prompts from the model card.")
+    attention_focus: AttentionFocus | None = Field(None, description=(
+        "Extension: the head the model card's attention probe found doing the task (the viewer opens on it)."))
 
 
 class ModelList(_OmitNone):
