@@ -6,7 +6,7 @@
 
 Results are the server's own Pydantic models (server/schemas/, which imports only pydantic):
 `Completion` (a `GenerateResponse`), `StartEvent` / `TokenEvent` / `DoneEvent`, `TokenizeResponse`,
-`ModelList`. Importing this package never imports torch or LitServe.
+`ModelList`; `Analysis` wraps an `AnalyzeResponse` with helpers. Importing this package never imports torch or LitServe.
 """
 
 from pydantic import ValidationError
@@ -26,13 +26,15 @@ from clients.errors import (
     ServerError,
     StreamError,
 )
-from clients.options import GenerateOptions, Retry, Timeout, sampling_from
-from clients.results import Completion
+from clients.options import AnalyzeOptions, GenerateOptions, Retry, Timeout, sampling_from
+from clients.results import Analysis, Completion
 from server.schemas import (
+    AnalyzeResponse,
     AttentionRequest,
     DoneEvent,
     ErrorEvent,
     GreedySampling,
+    LensRequest,
     MinPSampling,
     ModelList,
     RandomSampling,
@@ -45,10 +47,42 @@ from server.schemas import (
 )
 
 __all__ = [
-    "APIConnectionError", "APIError", "APITimeoutError", "AsyncClient", "AsyncStream", "AttentionRequest",
-    "AttnserveError", "AuthenticationError", "BadRequestError", "Client", "Completion",
-    "ContextLengthExceededError", "DoneEvent", "ErrorEvent", "GenerateOptions", "GreedySampling",
-    "MinPSampling", "ModelList", "NotFoundError", "RandomSampling", "RateLimitError", "Retry",
-    "ServerError", "StartEvent", "Stream", "StreamError", "Timeout", "TokenEvent", "TokenizeResponse",
-    "TopKSampling", "TopPSampling", "TypicalSampling", "ValidationError", "sampling_from",
+    "APIConnectionError",
+    "APIError",
+    "APITimeoutError",
+    "Analysis",
+    "AnalyzeOptions",
+    "AnalyzeResponse",
+    "AsyncClient",
+    "AsyncStream",
+    "AttentionRequest",
+    "AttnserveError",
+    "AuthenticationError",
+    "BadRequestError",
+    "Client",
+    "Completion",
+    "ContextLengthExceededError",
+    "DoneEvent",
+    "ErrorEvent",
+    "GenerateOptions",
+    "GreedySampling",
+    "LensRequest",
+    "MinPSampling",
+    "ModelList",
+    "NotFoundError",
+    "RandomSampling",
+    "RateLimitError",
+    "Retry",
+    "ServerError",
+    "StartEvent",
+    "Stream",
+    "StreamError",
+    "Timeout",
+    "TokenEvent",
+    "TokenizeResponse",
+    "TopKSampling",
+    "TopPSampling",
+    "TypicalSampling",
+    "ValidationError",
+    "sampling_from",
 ]

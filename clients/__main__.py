@@ -3,6 +3,8 @@
     attnserve-client generate "two plus three equals"                  # tokens as they stream
     attnserve-client generate "two plus three equals" --attention      # + where it looked
     attnserve-client generate "one plus one equals" --temperature 0.8 --top-p 0.9 --seed 1 --json
+    attnserve-client analyze "two plus three equals five"                # logprobs + the logit lens
+    attnserve-client analyze --prompt "two plus three equals" --completion " five"
     attnserve-client tokenize "two plus three equals"
     attnserve-client detokenize 373 274
     attnserve-client models | health | metrics
@@ -21,7 +23,7 @@ from clients.client import Client
 from clients.errors import AttnserveError, ValidationError
 from clients.heatmap import token_heatmap, visible
 from clients.options import API_KEY_ENV, URL_ENV, Retry, Timeout
-from clients.results import Completion, to_json
+from clients.results import Analysis, Completion, to_json
 from server.schemas import AttentionRequest, TokenEvent
 
 
@@ -54,12 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub = {}
     for name, text in [("generate", "generate text, printing tokens as they stream"),
+                       ("analyze", "what the model makes of a text: each token's logprob and the logit lens"),
                        ("tokenize", "show a text's tokens"), ("detokenize", "the text of token ids"),
                        ("models", "the served model"), ("health", "exit 0 when the server is ready"),
                        ("metrics", "the Prometheus metrics")]:
         sub[name] = commands.add_parser(name, help=text, description=text)
         _connection_options(sub[name], argparse.SUPPRESS)  # also accepted after the command
-        if name in ("generate", "tokenize", "models"):
+        if name in ("generate", "analyze", "tokenize", "models"):
             sub[name].add_argument("--json", action="store_true", help="print the raw JSON (events)")
 
     gen = sub["generate"]
@@ -85,6 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
     att.add_argument("--head", type=index_or_mean, default="mean", help="head index or 'mean' [default mean]")
     att.add_argument("--token", type=int, help="which generated token [default: the last with text]")
     att.add_argument("--width", type=int, default=20, help="bar width in characters [default 20]")
+
+    ana = sub["analyze"]
+    ana.add_argument("text", nargs="?", help='the text to read ("-" reads standard input); or --prompt and '
+                     "--completion")
+    ana.add_argument("--prompt", help="score --completion after this prompt")
+    ana.add_argument("--completion", help="the completion to score")
+    ana.add_argument("--model", help="a served model [default: the server's first]")
+    ana.add_argument("--logprobs", type=int, default=3, metavar="N", help="top N alternatives per token [default 3]")
+    ana.add_argument("--layers", type=int, nargs="+", metavar="L", help="lens layers [default: all]")
+    ana.add_argument("--top-k", type=int, default=1, metavar="K", help="lens entries per cell [default 1]")
+    ana.add_argument("--width", type=int, default=13, help="characters per lens cell [default 13]")
 
     sub["tokenize"].add_argument("text")
     sub["tokenize"].add_argument("--no-special", action="store_true", help="without BOS")
@@ -145,11 +159,51 @@ def logprob_table(completion: Completion) -> str:
     return "\n".join(lines)
 
 
+def analyze(client: Client, args: argparse.Namespace) -> int:
+    text = sys.stdin.read() if args.text == "-" else args.text
+    lens = {"layers": args.layers or "all", "top_k": args.top_k}
+    analysis = client.analyze(text, prompt=args.prompt, completion=args.completion, model=args.model,
+                              logprobs=args.logprobs, logit_lens=lens)
+    if args.json:
+        print(to_json(analysis.response))
+        return 0
+    print(analysis_table(analysis))
+    print("\n" + lens_table(analysis, width=args.width))
+    if analysis.completion_logprob is not None:
+        print(f"\ncompletion logprob: {analysis.completion_logprob:.4f}")
+    return 0
+
+
+def analysis_table(analysis: Analysis) -> str:
+    """Per token: its logprob given the tokens before it, and what the model expected instead."""
+    lines = [f"{'pos':>3} {'token':<14} {'logprob':>8}  expected"]
+    for i, token in enumerate(analysis.tokens):
+        logprob = "" if token.logprob is None else f"{token.logprob:8.3f}"
+        expected = "  ".join(f"{visible(a.text)} {a.logprob:.3f}" for a in token.top_logprobs or [])
+        lines.append(f"{i:>3} {visible(token.text):<14} {logprob:>8}  {expected}".rstrip())
+    return "\n".join(lines)
+
+
+def lens_table(analysis: Analysis, *, width: int) -> str:
+    """Layers × positions: the top prediction for the next token after each layer, and its probability."""
+    lens = analysis.response.logit_lens
+    tokens = analysis.tokens
+    head = "layer  " + " ".join(f"{visible(t.text, width):<{width}}" for t in tokens)
+    lines = ["logit lens: what each layer would predict next, at each position", head]
+    for index, layer in enumerate(lens.layers):
+        cells = [f"{visible('/'.join(e.text for e in entries), width - 5)} {entries[0].prob:.2f}"
+                 for entries in lens.top[index]]
+        lines.append(f"{layer:>5}  " + " ".join(f"{c:<{width}}" for c in cells))
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
     timeout = None if args.timeout is None else Timeout(read=args.timeout)
     with Client(args.url, api_key=args.api_key, timeout=timeout, max_retries=args.retries) as client:
         if args.command == "generate":
             return generate(client, args)
+        if args.command == "analyze":
+            return analyze(client, args)
         if args.command == "tokenize":
             result = client.tokenize(args.text, add_special_tokens=not args.no_special)
             if args.json:

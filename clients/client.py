@@ -13,9 +13,11 @@ import requests
 from clients.errors import APIConnectionError, APITimeoutError, error_from_response
 from clients.options import (
     NDJSON,
+    AnalyzeOptions,
     GenerateOptions,
     Retry,
     Timeout,
+    analyze_body,
     default_headers,
     detokenize_body,
     generate_body,
@@ -23,8 +25,8 @@ from clients.options import (
     resolve_url,
     tokenize_body,
 )
-from clients.results import Completion, Event, EventReader, LineBuffer, cut_off
-from server.schemas import DetokenizeResponse, ModelList, TokenizeResponse
+from clients.results import Analysis, Completion, Event, EventReader, LineBuffer, cut_off
+from server.schemas import AnalyzeResponse, DetokenizeResponse, ModelList, TokenizeResponse
 
 # No response yet, so safe to send again (`Retry`): connect errors and timeouts, and a connection
 # that dropped before a status line (requests raises ConnectionError for all of them).
@@ -105,6 +107,13 @@ class Client:
             reader.end()
         finally:
             response.close()
+
+    def analyze(self, text: str | None = None, **options: Unpack[AnalyzeOptions]) -> Analysis:
+        """What the model makes of a text (or `ids`, or `prompt` + `completion`): each token's logprob,
+        and with `attention=` / `logit_lens=` where it looked and what each layer predicted."""
+        body = analyze_body(text, **options)
+        with self._send("POST", "/v1/analyze", json=body) as response:
+            return Analysis(AnalyzeResponse.model_validate_json(response.content), attention=body.get("attention"))
 
     # -- tokenizer, models, operations -------------------------------------------------------------
     def tokenize(self, text: str, *, add_special_tokens: bool = True) -> TokenizeResponse:

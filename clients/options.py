@@ -21,10 +21,12 @@ from clients.errors import parse_retry_after
 from server.schemas import (
     MAX_TEMPERATURE,
     MAX_TOP_K,
+    AnalyzeRequest,
     AttentionRequest,
     DetokenizeRequest,
     GenerateRequest,
     GreedySampling,
+    LensRequest,
     Sampling,
     TokenizeRequest,
     strategy_from_knobs,
@@ -190,6 +192,32 @@ def generate_body(prompt: str, *, stream: bool, max_tokens: int | None = None,
              "attention": attention}
     request = GenerateRequest(prompt=prompt, stream=stream, sampling=strategy,
                               **{k: v for k, v in given.items() if v is not None})
+    return request.model_dump(mode="json", exclude_none=True)
+
+
+class AnalyzeOptions(TypedDict, total=False):
+    """Keyword arguments of `analyze` (API.md's `POST /v1/analyze`) besides the text."""
+
+    ids: Sequence[int]
+    prompt: str
+    completion: str
+    model: str
+    attention: AttentionRequest | dict | bool
+    logprobs: int
+    logit_lens: LensRequest | dict | bool
+
+
+def analyze_body(text: str | None = None, *, ids: Sequence[int] | None = None, prompt: str | None = None,
+                 completion: str | None = None, model: str | None = None,
+                 attention: AttentionRequest | dict | bool | None = None, logprobs: int | None = None,
+                 logit_lens: LensRequest | dict | bool | None = None) -> dict[str, Any]:
+    """The JSON body of `POST /v1/analyze`, validated by the server's `AnalyzeRequest`. `attention=True`
+    asks for every layer and head, `logit_lens=True` for the lens on every layer (top 5)."""
+    given = {"text": text, "ids": list(ids) if ids is not None else None, "prompt": prompt,
+             "completion": completion, "model": model, "logprobs": logprobs,
+             "attention": AttentionRequest() if attention is True else attention or None,
+             "logit_lens": LensRequest() if logit_lens is True else logit_lens or None}
+    request = AnalyzeRequest(**{k: v for k, v in given.items() if v is not None})
     return request.model_dump(mode="json", exclude_none=True)
 
 

@@ -1,5 +1,6 @@
-"""Typed results: `Completion` (the server's `GenerateResponse`, plus helpers) and the reading of an
-NDJSON event stream into typed events, shared by the sync and async streams."""
+"""Typed results: `Completion` (the server's `GenerateResponse`, plus helpers), `Analysis` (a
+`/v1/analyze` answer, plus helpers) and the reading of an NDJSON event stream into typed events,
+shared by the sync and async streams."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ from pydantic import ValidationError
 
 from clients.errors import StreamError, stream_error
 from server.schemas import (
+    AnalyzedToken,
+    AnalyzeResponse,
     AttentionRows,
     DoneEvent,
     ErrorEvent,
     ErrorInfo,
     GeneratedToken,
     GenerateResponse,
+    LensEntry,
     StartEvent,
     TokenEvent,
     TokenInfo,
@@ -49,6 +53,66 @@ class Completion(GenerateResponse):
             raise ValueError("this completion has no attention: ask with attention=True (or an "
                              "AttentionRequest) on generate() or stream()")
         return row
+
+
+class Analysis:
+    """What the model made of a text (`analyze()`): `response` is the server's `AnalyzeResponse`;
+    `attention(layer, head)` and `lens(layer)` pick one layer's numbers by the model's own layer and
+    head indices, whichever were asked for."""
+
+    def __init__(self, response: AnalyzeResponse, *, attention: dict | None):
+        self.response = response
+        self._attention = attention                     # what the request asked for
+
+    def __repr__(self) -> str:
+        return f"Analysis({self.response.model!r}, {len(self.tokens)} tokens)"
+
+    @property
+    def tokens(self) -> list[AnalyzedToken]:
+        return self.response.tokens
+
+    @property
+    def logprobs(self) -> list[float | None]:
+        """log p(token i | the tokens before it); None for the first."""
+        return [t.logprob for t in self.response.tokens]
+
+    @property
+    def completion_logprob(self) -> float | None:
+        return self.response.completion_logprob
+
+    def attention(self, layer: int, head: int | str) -> list[list[float]]:
+        """[q][k ≤ q]: where each position looked, in the model's `layer` and `head` (or "mean")."""
+        if self.response.attention is None or self._attention is None:
+            raise ValueError("this analysis has no attention: ask with attention=True (or an AttentionRequest)")
+        layers, heads = self._attention.get("layers", "all"), self._attention.get("heads", "all")
+        li = _index(layers, layer, "layer")
+        if heads == "mean":
+            if head != "mean":
+                raise ValueError(f"only the mean over heads was asked for, not head {head}")
+            return self.response.attention[li][0]
+        if head == "mean":
+            raise ValueError("the mean over heads was not asked for: ask with heads=\"mean\"")
+        return self.response.attention[li][_index(heads, head, "head")]
+
+    def lens(self, layer: int) -> list[list[LensEntry]]:
+        """[q][k]: the logit lens after the model's `layer` at every position (the top k for q + 1)."""
+        lens = self.response.logit_lens
+        if lens is None:
+            raise ValueError("this analysis has no logit lens: ask with logit_lens=True (or a LensRequest)")
+        if layer < 0:                                  # from the end of the layers it has
+            layer = lens.layers[layer]
+        if layer not in lens.layers:
+            raise ValueError(f"layer {layer} was not asked for; the lens has layers {lens.layers}")
+        return lens.top[lens.layers.index(layer)]
+
+
+def _index(asked: str | list[int], index: int, axis: str) -> int:
+    """Where the model's `index` is in what was asked for ("all": everything, in order)."""
+    if asked == "all":
+        return index
+    if index not in asked:
+        raise ValueError(f"{axis} {index} was not asked for; the analysis has {axis}s {asked}")
+    return asked.index(index)
 
 
 class LineBuffer:

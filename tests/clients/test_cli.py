@@ -71,3 +71,17 @@ def test_errors_exit_nonzero_with_the_message(api_server):
     assert refused.stderr.startswith("error: 401 unauthorized: a valid API key is required")
     invalid = cli("generate", PROMPT, "--top-k", "3", "--top-p", "0.5", url=api_server.url)
     assert invalid.returncode == 2 and "top_k and top_p cannot be combined" in invalid.stderr
+
+
+def test_analyze_prints_logprobs_and_the_lens_table(api_server):
+    out = cli("analyze", PROMPT + ANSWER, "--logprobs", "1", url=api_server.url)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split() == ["pos", "token", "logprob", "expected"]
+    assert lines[6].split()[:2] == ["5", "␣five"] and float(lines[6].split()[2]) < 0
+    lens = lines[lines.index("logit lens: what each layer would predict next, at each position") + 1:]
+    assert lens[0].split()[:3] == ["layer", "<|bos|>", "two"] and len(lens) == 1 + 4        # header + 4 layers
+    assert lens[-1].split()[0] == "3" and lens[-1].split()[-4] == "␣five"                 # the last layer at equals
+    scored = cli("analyze", "--prompt", PROMPT, "--completion", ANSWER, url=api_server.url)
+    assert scored.returncode == 0 and "completion logprob: -0.0" in scored.stdout
+    assert cli("analyze", url=api_server.url).returncode == 2                              # no text

@@ -208,3 +208,30 @@ def test_until_done_and_awaiting_a_stream(api_server):
             stream = await client.stream(PROMPT)  # sent now: a refusal would raise here
             return await stream.until_done()
     assert asyncio.run(run()).text == ANSWER
+
+
+def test_analyze_returns_the_servers_numbers_with_helpers(api, api_server):
+    analysis = api("analyze", PROMPT + ANSWER, attention={"layers": [1, 3], "heads": [0, 2]}, logprobs=2,
+                   logit_lens={"layers": [0, 3], "top_k": 2})
+    raw = requests.post(f"{api_server.url}/v1/analyze", headers={"X-API-Key": API_KEY}, timeout=30, json={
+        "text": PROMPT + ANSWER, "attention": {"layers": [1, 3], "heads": [0, 2]}, "logprobs": 2,
+        "logit_lens": {"layers": [0, 3], "top_k": 2}}).json()
+    assert [t.text for t in analysis.tokens] == ["<|bos|>", "two", " plus", " three", " equals", " five"]
+    assert analysis.logprobs[0] is None and analysis.logprobs[1:] == [t["logprob"] for t in raw["tokens"][1:]]
+    # The helpers index by the model's own layer and head numbers, whichever were asked for.
+    assert analysis.attention(3, 2) == raw["attention"][1][1] and analysis.attention(1, 0) == raw["attention"][0][0]
+    assert [[e.model_dump() for e in row] for row in analysis.lens(3)] == raw["logit_lens"]["top"][1]
+    assert analysis.lens(-1) == analysis.lens(3) and analysis.lens(3)[4][0].text == ANSWER
+    with pytest.raises(ValueError, match="layer 2 was not asked for"):
+        analysis.attention(2, 0)
+    with pytest.raises(ValueError, match="head 1 was not asked for"):
+        analysis.attention(1, 1)
+    with pytest.raises(ValueError, match="layer 1 was not asked for"):
+        analysis.lens(1)
+
+
+def test_analyze_scores_a_completion(api):
+    scored = api("analyze", prompt=PROMPT, completion=ANSWER)
+    assert scored.completion_logprob == pytest.approx(scored.logprobs[-1]) and scored.completion_logprob < 0
+    with pytest.raises(ValueError, match="no logit lens"):
+        scored.lens(0)
