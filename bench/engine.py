@@ -29,11 +29,17 @@ Measurements (A and B alternate, repetition after repetition; medians are compar
    the same request asking for none, on the shipped model and the bench model.
 5. Capture off vs a build without the feature: the engine as shipped (capture off) against the
    same engine with every capture branch removed — subclasses below whose decode path is the
-   shipped one minus the `attn_layers` / `need_weights` bookkeeping (same kernels, same sampling,
-   same events), on module objects sharing the shipped model's very tensors. Both produce
+   shipped one minus the `attn_layers` / `need_weights` and logit-lens (`hidden_layers`, lens rows)
+   bookkeeping (same kernels, same sampling, same events), on module objects sharing the shipped
+   model's very tensors. Both produce
    identical logits and tokens (checked). The engines take turns decode step by decode step, at
    batch 1 and 16, and the median step times are compared. A third contender, a second copy of
    the shipped engine, gives the A/A ratio: this run's noise.
+6. Logit lens while generating: a request asking for the lens on every layer (top 5, prompt
+   included) vs the same request asking for none, on the shipped model and the bench model.
+7. Analyze vs a 1-token generation of the same text (logprobs 5 both; analyze computes the head
+   and log-softmax at every position, generation at the last one and samples): the price of
+   looking at a whole text rather than continuing it.
 
 The machine may be shared: absolute tokens/s move with other load, ratios much less. With
 --threads 2 on cores busy with other work, every OpenMP parallel region (SDPA, MKL GEMMs) can wait
@@ -59,7 +65,7 @@ from bench.common import Row, describe_machine, interleaved, print_table, random
 from model.attention import Attention, fast_attention
 from model.checkpoint import load_checkpoint
 from model.engine import Engine
-from model.events import AttentionSpec, Finished, GenerationRequest, Token
+from model.events import AnalysisRequest, AttentionSpec, Finished, GenerationRequest, LensSpec, Token
 from model.rope import apply_rope
 from model.tokenizer import Tokenizer
 from model.transformer import Block, ModelOutput, Transformer
@@ -271,8 +277,9 @@ class NoCaptureBlock(Block):
 
 
 class NoCaptureTransformer(Transformer):
-    def forward(self, tokens, *, positions=None, cache=None, slots=None, attn_layers=(), logits_at=None):
-        # attn_layers: accepted (the engine's prefill passes its empty tuple) and ignored.
+    def forward(self, tokens, *, positions=None, cache=None, slots=None, attn_layers=(), hidden_layers=(),
+                logits_at=None):
+        # attn_layers, hidden_layers: accepted (the engine's prefill passes its empty ones) and ignored.
         B, T = tokens.shape
         cos, sin, mask, at = self._prepare(tokens, positions, cache, slots)
         x = self.embed_tokens(tokens.reshape(B * T))
@@ -340,6 +347,38 @@ def capture_off_vs_without(model: Transformer, tokenizer: Tokenizer, *, batch: i
                note=f"A/A noise this run: {aa:.3f}×")
 
 
+# -- 6. logit lens while generating ----------------------------------------------------------------
+def lens_cost(name: str, model: Transformer, tokenizer: Tokenizer, *, tokens: int, reps: int) -> Row:
+    engine = Engine(model, tokenizer, max_batch=1)
+    prompt = tokenizer.encode(PROMPTS[1])
+    spec = LensSpec(layers="all", top_k=5, include_prompt=True)
+
+    def run(lens: LensSpec | None):
+        def go() -> None:
+            generate_ids(engine, GenerationRequest(prompt_ids=prompt, max_tokens=tokens, ignore_eos=True, lens=lens))
+        return go
+
+    t = interleaved({"off": run(None), "all": run(spec)}, reps=reps)
+    return Row(f"logit lens, all layers vs none ({name})",
+               f"{t['all'] / tokens * 1e3:.3f} ms/token", f"{t['off'] / tokens * 1e3:.3f} ms/token",
+               t["all"] / t["off"], target=1.5, higher_is_better=False)
+
+
+# -- 7. analyze vs a 1-token generation -----------------------------------------------------------
+def analyze_cost(name: str, model: Transformer, tokenizer: Tokenizer, ids: list[int], *, reps: int) -> Row:
+    engine = Engine(model, tokenizer, max_batch=1, max_context=max(len(ids), 2))
+    def analyze() -> None:
+        engine.analyze(AnalysisRequest(ids=ids, logprobs=5))
+
+    def generate() -> None:
+        generate_ids(engine, GenerationRequest(prompt_ids=ids, max_tokens=1, logprobs=5))
+
+    t = interleaved({"analyze": analyze, "generate": generate}, reps=reps)
+    return Row(f"analyze vs 1-token generation, {len(ids)} tokens ({name})",
+               f"{t['analyze'] * 1e3:.2f} ms", f"{t['generate'] * 1e3:.2f} ms",
+               t["analyze"] / t["generate"], target=1.5, higher_is_better=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a ~1-minute smoke run: fewer tokens and repetitions")
@@ -384,6 +423,11 @@ def main(argv: list[str] | None = None) -> int:
         for batch in (1, 16):
             report(capture_off_vs_without(shipped_model, shipped_tok, batch=batch, steps=60 if quick else 400,
                                           rounds=1 if quick else 3))
+        report(lens_cost("shipped", shipped_model, shipped_tok, tokens=n, reps=reps))
+        report(lens_cost("bench", bench_model, bench_tok, tokens=n // 2, reps=reps))
+        report(analyze_cost("shipped", shipped_model, shipped_tok, shipped_tok.encode(PROMPTS[1]), reps=reps * 3))
+        text = torch.randint(3, bench_tok.vocab_size, (256,), generator=torch.Generator().manual_seed(0)).tolist()
+        report(analyze_cost("bench", bench_model, bench_tok, [bench_tok.bos_id, *text], reps=reps))
     print()
     print_table(rows)
     print(f"\n{sum(r.passed for r in rows)}/{len(rows)} targets met; ran {time.perf_counter() - started:.0f} s")

@@ -18,6 +18,8 @@ MEASUREMENTS = [
     "16 concurrent vs 1", "32 concurrent vs llama-server",
     "attention capture, all layers vs none (shipped)", "attention capture, all layers vs none (bench)",
     "capture off vs build without it, shipped b=1", "capture off vs build without it, shipped b=16",
+    "logit lens, all layers vs none (shipped)", "logit lens, all layers vs none (bench)",
+    "analyze vs 1-token generation, 6 tokens (shipped)", "analyze vs 1-token generation, 257 tokens (bench)",
 ]
 
 

@@ -3,6 +3,8 @@ and against itself: alone vs in a busy batch, scored prompt + completion vs per-
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 from transformers import LlamaForCausalLM
@@ -230,3 +232,16 @@ def test_payload_size_counts_what_comes_back(model, tokenizer):
         Limits.of(config, max_context=48, max_attention_floats=causal).check(analyze)
     assert (err.value.floats, err.value.limit) == (causal + 2 * result.lens.ids.numel(), causal)
     Limits.of(config, max_context=48, max_attention_floats=causal + 2 * result.lens.ids.numel()).check(analyze)
+
+
+def test_requests_and_results_cross_a_process_boundary(model, tokenizer):
+    """The server builds the request once and sends it to the worker as it is; results come back."""
+    request = everything(tokenizer.encode(TEXT), completion_start=3)
+    again = pickle.loads(pickle.dumps(request))
+    assert again == request
+    here = Engine(model, tokenizer).analyze(again)
+    result = pickle.loads(pickle.dumps(here))
+    assert isinstance(result, Analyzed) and result.completion_logprob == here.completion_logprob
+    assert torch.equal(result.attention, here.attention) and torch.equal(result.lens.probs, here.lens.probs)
+    gen = GenerationRequest(prompt_ids=[1, 2], lens=LensSpec(layers=(0,), top_k=2, include_prompt=True))
+    assert pickle.loads(pickle.dumps(gen)) == gen
