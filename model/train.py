@@ -46,7 +46,7 @@ CORPORA = {
 CORPUS_DEFAULTS: dict[str, dict] = {
     "calculator": dict(preset="calculator", vocab_size=512, steps=2000, batch_size=256, block_size=256,
                        lr=3e-3, warmup_steps=100),
-    "pronouns": dict(preset="calculator", vocab_size=1024, steps=1200, batch_size=64, block_size=256,
+    "pronouns": dict(preset="calculator", vocab_size=1024, steps=3000, batch_size=128, block_size=256,
                      lr=3e-3, warmup_steps=100),
     "text": dict(preset="calculator", vocab_size=512, steps=2000, batch_size=256, block_size=256,
                  lr=3e-3, warmup_steps=100),
