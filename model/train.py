@@ -2,16 +2,19 @@
 
     python -m model.train --corpus calculator --out checkpoints/calculator --steps 3000
     python -m model.train --corpus pronouns --out checkpoints/pronouns
-    python -m model.train --corpus text --text-file book.txt --preset small --out runs/book
+    python -m model.train --corpus text --text-file book.txt --minutes 10 --out runs/book
 
-AdamW, linear warmup then cosine decay, gradient clipping, periodic evaluation, a progress bar,
-a loss curve (PNG) and a model card. Deterministic given --seed. Options left unset take the
-corpus's default (CORPUS_DEFAULTS).
+AdamW, linear warmup then cosine decay, gradient clipping, periodic evaluation (loss, bits per
+byte, perplexity), a progress bar, a loss curve (PNG) and a model card. Before step one it prints
+the plan: tokens per step, steps, and the wall time measured trial steps predict; with --minutes
+the steps are chosen to fit. Deterministic given --seed (and --steps). Options left unset take
+the corpus's default (CORPUS_DEFAULTS).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import time
@@ -22,11 +25,19 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from model.bits import bits_per_byte, perplexity, token_byte_lengths
 from model.checkpoint import save_checkpoint
 from model.config import PRESETS, preset
-from model.data import (SequenceBatches, WindowBatches, calculator_examples, calculator_split, pad_batch,
-                        read_text_corpus)
+from model.data import (
+    SequenceBatches,
+    WindowBatches,
+    calculator_examples,
+    calculator_split,
+    pad_batch,
+    read_text_corpus,
+)
 from model.eval import HELD_OUT_CORPORA, evaluate
+from model.plan import measure_step_seconds, plan_run
 from model.probe import best_head_line, probe_table
 from model.pronouns import HELD_OUT_RULE, TEMPLATES, pronoun_split
 from model.pronouns import examples as pronoun_examples
@@ -42,13 +53,14 @@ CORPORA = {
 }
 
 # What an option left unset means, per corpus. The pronoun vocabulary (~700 tokens) makes every
-# word one token; 512 would split most nouns.
+# word one token; 512 would split most nouns. Text trains for a time budget, not a step count: a
+# few MB fit nanoGPT's CPU recipe (4 layers of width 128, short windows, small batches).
 CORPUS_DEFAULTS: dict[str, dict] = {
     "calculator": dict(preset="calculator", vocab_size=512, steps=2000, batch_size=256, block_size=256,
                        lr=3e-3, warmup_steps=100),
     "pronouns": dict(preset="calculator", vocab_size=1024, steps=3000, batch_size=128, block_size=256,
                      lr=3e-3, warmup_steps=100),
-    "text": dict(preset="calculator", vocab_size=512, steps=2000, batch_size=256, block_size=256,
+    "text": dict(preset="calculator", vocab_size=2048, minutes=10.0, batch_size=32, block_size=128,
                  lr=3e-3, warmup_steps=100),
 }
 
@@ -61,6 +73,7 @@ class TrainArgs:
     preset: str | None = None      # None (here and below) ⇒ the corpus's default
     vocab_size: int | None = None  # BPE upper bound; a small corpus needs fewer and stops early
     steps: int | None = None
+    minutes: float | None = None   # a time budget for the training steps, instead of --steps
     batch_size: int | None = None
     block_size: int | None = None  # text corpus window length
     lr: float | None = None
@@ -78,7 +91,13 @@ class TrainArgs:
         """These options with every unset one filled in from the corpus's defaults."""
         if self.corpus not in CORPORA:
             raise SystemExit(f"unknown corpus {self.corpus!r}: choose from {', '.join(CORPORA)}")
-        fill = {k: v for k, v in CORPUS_DEFAULTS[self.corpus].items() if getattr(self, k) is None}
+        if self.steps is not None and self.minutes is not None:
+            raise SystemExit(f"give --steps ({self.steps}) or --minutes ({self.minutes}), not both")
+        defaults = dict(CORPUS_DEFAULTS[self.corpus])
+        if self.steps is not None or self.minutes is not None:   # the one given wins over the default
+            defaults.pop("minutes", None)
+            defaults.pop("steps", None)
+        fill = {k: v for k, v in defaults.items() if getattr(self, k) is None}
         if self.out is None:
             fill["out"] = f"runs/{self.corpus}"
         return replace(self, **fill)
@@ -91,6 +110,8 @@ HELP = {
     "preset": f"model size, one of {', '.join(PRESETS)}",
     "vocab_size": "upper bound on the BPE tokenizer's vocabulary",
     "steps": "optimizer steps",
+    "minutes": "a time budget instead of --steps: trial steps are timed and the step count chosen so the "
+               "training steps fit, the schedule planned for them",
     "batch_size": "sequences per step",
     "block_size": "tokens per training window (--corpus text)",
     "lr": "peak learning rate (AdamW)",
@@ -182,11 +203,21 @@ def train(args: TrainArgs) -> dict:
                     pad_token_id=tokenizer.hf.token_to_id("<|pad|>"))
     model = Transformer(config)
     model.init_weights(seed=args.seed)
+    picked = {k: getattr(args, k) for k in CORPUS_DEFAULTS[args.corpus] if getattr(given, k) is None}
+    print(f"corpus {args.corpus} defaults for options not given: "
+          + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in picked.items()))
+    plan = plan_training(model, batches, args)
+    args = replace(args, steps=plan.steps)
+    print(plan.describe(), flush=True)
     optimizer = make_optimizer(model, args)
-    history: dict[str, list] = {"step": [], "loss": [], "val_step": [], "val_loss": []}
+    byte_lengths = token_byte_lengths(tokenizer)
+    history: dict[str, list] = {"step": [], "loss": [], "val_step": [], "val_loss": [], "val_bpb": []}
+    loop_start = last_step_end = time.perf_counter()
+    recent_pace = plan.seconds_per_step
 
-    bar = tqdm(range(args.steps), desc="train", disable=not args.progress, dynamic_ncols=True)
-    for step in bar:
+    bar = tqdm(total=args.steps, desc="train", disable=not args.progress, dynamic_ncols=True)
+    step = 0
+    while step < args.steps:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
         inputs, targets = next(batches)
@@ -197,28 +228,65 @@ def train(args: TrainArgs) -> dict:
         optimizer.step()
         history["step"].append(step)
         history["loss"].append(loss.item())
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+        step += 1
+        bar.update(1)
+        if step % args.eval_every == 0 or step == args.steps:
             model.eval()
             with torch.no_grad():
                 val_loss = loss_on(model, val_x, val_y).item()
             model.train()
-            history["val_step"].append(step + 1)
+            history["val_step"].append(step)
             history["val_loss"].append(val_loss)
-            bar.set_postfix(loss=f"{loss.item():.4f}", val=f"{val_loss:.4f}")
+            history["val_bpb"].append(bits_per_byte(val_loss, val_y, byte_lengths))
+            bar.set_postfix(loss=f"{loss.item():.4f}", val=f"{val_loss:.4f}", bpb=f"{history['val_bpb'][-1]:.3f}")
+        if plan.budget_seconds is not None and step < args.steps:
+            # A shared CPU's speed drifts: after every step, re-fit the remaining steps to the
+            # remaining budget, and the cosine with them, so the run ends on time at its floor.
+            now = time.perf_counter()
+            recent_pace = 0.8 * recent_pace + 0.2 * (now - last_step_end)   # seconds per step, lately
+            last_step_end = now
+            steps = plan.refit(done=step, elapsed=now - loop_start, recent_pace=recent_pace,
+                               warmup_steps=args.warmup_steps)
+            if steps != args.steps:
+                args = replace(args, steps=steps)
+                bar.total = steps
+    bar.close()
 
     model.eval()
+    loop_seconds = time.perf_counter() - loop_start
     train_seconds = time.perf_counter() - start
-    metrics = {"final_train_loss": history["loss"][-1], "final_val_loss": history["val_loss"][-1]}
+    metrics = {"final_train_loss": history["loss"][-1], "final_val_loss": history["val_loss"][-1],
+               "final_val_bits_per_byte": history["val_bpb"][-1],
+               "final_val_perplexity": perplexity(history["val_loss"][-1])}
     if args.corpus in HELD_OUT_CORPORA and args.eval_held_out:
         metrics |= evaluate(model, tokenizer, args.corpus)[0]
     out = save_checkpoint(model, tokenizer, args.out)
     plot_loss(history, out / "loss.png")
     card = {"corpus": args.corpus, "corpus_facts": facts, "parameters": model.num_parameters,
             "config": config.as_dict(), "training": {k: v for k, v in vars(args).items() if k != "progress"},
-            "wall_time_seconds": round(train_seconds, 1), "metrics": metrics, "examples": examples,
+            "wall_time_seconds": round(train_seconds, 1), "training_loop_seconds": round(loop_seconds, 1),
+            "plan": {"tokens_per_step": plan.tokens_per_step, "planned_steps": plan.steps, "steps": args.steps,
+                     "seconds_per_step": round(plan.seconds_per_step, 4),
+                     "estimated_seconds": round(plan.estimated_seconds, 1), "budget_seconds": plan.budget_seconds},
+            "metrics": metrics, "examples": examples,
             "command": "python -m model.train " + " ".join(_cli_flags(given, args))}
     write_model_card(out, card)
     return metrics
+
+
+def plan_training(model: Transformer, batches, args: TrainArgs):
+    """Time trial steps on a batch of the run's shape (drawn from a copy of the batches with its own
+    seed, so the run's data order is untouched; gradients dropped, no update) and plan the run."""
+    trial = copy.deepcopy(batches)
+    trial.gen.manual_seed(args.seed + 1_000_003)
+    inputs, targets = next(trial)
+
+    def step() -> None:
+        loss_on(model, inputs, targets).backward()
+        model.zero_grad(set_to_none=True)
+
+    return plan_run(tokens_per_step=int((targets != -100).sum()), seconds_per_step=measure_step_seconds(step),
+                    steps=args.steps, minutes=args.minutes, warmup_steps=args.warmup_steps)
 
 
 def plot_loss(history: dict, path: Path) -> None:
@@ -228,7 +296,8 @@ def plot_loss(history: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     ax.plot(history["step"], history["loss"], lw=0.8, label="train")
     ax.plot(history["val_step"], history["val_loss"], "o-", label="validation")
-    ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", yscale="log", title="training loss")
+    ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", yscale="log",
+           title=f"training loss (validation at the end: {history['val_bpb'][-1]:.3f} bits per byte)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
@@ -282,8 +351,8 @@ def parse_args(argv: list[str] | None = None) -> TrainArgs:
             parser.add_argument(f"--no-{name.replace('_', '-')}", dest=name, action="store_false", help=HELP[name])
             continue
         kind = next(t for t in (int, float, str) if t.__name__ in str(types[name]))
-        if name in CORPUS_DEFAULTS["calculator"]:
-            shown = "per corpus: " + ", ".join(f"{c} {d[name]}" for c, d in CORPUS_DEFAULTS.items())
+        if any(name in d for d in CORPUS_DEFAULTS.values()):
+            shown = "per corpus: " + ", ".join(f"{c} {d.get(name, 'unset')}" for c, d in CORPUS_DEFAULTS.items())
         else:
             shown = "runs/<corpus>" if name == "out" else str(default)
         help_text = HELP[name] + ("" if "(default" in HELP[name] else f" (default: {shown})")
