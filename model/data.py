@@ -76,6 +76,12 @@ def calculator_split(*, val_size: int = 500, seed: int = 0) -> tuple[list[Proble
     return rest[val_size:], rest[:val_size], held_out
 
 
+def calculator_examples() -> list[dict[str, str]]:
+    """Prompts for the viewer: the origin's example, then held-out problems (never trained on)."""
+    held_out = [Problem(42, "minus", 21), Problem(57, "plus", 41), Problem(81, "minus", 7), Problem(64, "plus", 98)]
+    return [{"prompt": p.prompt, "completion": p.completion} for p in [Problem(2, "plus", 3), *held_out]]
+
+
 def read_text_corpus(path: str | Path, *, val_fraction: float = 0.05) -> tuple[str, str]:
     """(train_text, val_text) from a UTF-8 file: the last `val_fraction` is validation."""
     text = Path(path).read_text(encoding="utf-8")

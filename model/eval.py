@@ -1,22 +1,40 @@
-"""Greedy exact-match accuracy of a calculator checkpoint on the held-out problems.
+"""Held-out evaluation of a checkpoint, for the corpus its model card names.
 
-    python -m model.eval checkpoints/calculator
+    python -m model.eval checkpoints/calculator     # greedy exact match on the held-out problems
+    python -m model.eval checkpoints/pronouns       # exact match and the attention probe
+
+Greedy exact match: the completion up to end-of-sequence must equal the expected one exactly.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from model.checkpoint import load_checkpoint
-from model.data import Problem, calculator_split
+from model.data import calculator_split
+from model.probe import attention_probe, best_head_line, probe_table
+from model.pronouns import pronoun_split
 from model.tokenizer import Tokenizer
 from model.transformer import Transformer
 
 MAX_ANSWER_TOKENS = 8  # "one hundred ninety eight" is 4 word tokens; leave room for EOS and slack
+HELD_OUT_CORPORA = ("calculator", "pronouns")
+
+
+class Task(Protocol):
+    """A held-out item: a prompt and the exact completion expected (calculator or pronoun problem)."""
+    @property
+    def prompt(self) -> str: ...
+    @property
+    def completion(self) -> str: ...
 
 
 @torch.inference_mode()
@@ -58,27 +76,66 @@ def _greedy(model: Transformer, cache, tokens: torch.Tensor, max_new_tokens: int
 
 
 def held_out_accuracy(model: Transformer, tokenizer: Tokenizer,
-                      problems: list[Problem] | None = None) -> tuple[float, list[tuple[Problem, str]]]:
-    """Exact-match accuracy and the (problem, wrong answer) pairs."""
+                      problems: Sequence[Task] | None = None) -> tuple[float, list[tuple[Task, str]]]:
+    """Exact-match accuracy and the (problem, wrong answer) pairs; the calculator's held-out
+    problems unless `problems` are given."""
     problems = problems if problems is not None else calculator_split()[2]
     answers = greedy_answers(model, tokenizer, [p.prompt for p in problems])
     wrong = [(p, a) for p, a in zip(problems, answers) if a != p.completion]
     return 1 - len(wrong) / len(problems), wrong
 
 
+def held_out_problems(corpus: str) -> list[Task]:
+    if corpus == "calculator":
+        return calculator_split()[2]
+    if corpus == "pronouns":
+        return pronoun_split()[2]
+    raise ValueError(f"corpus {corpus!r} has no held-out set; corpora with one: {', '.join(HELD_OUT_CORPORA)}")
+
+
+def evaluate(model: Transformer, tokenizer: Tokenizer, corpus: str) -> tuple[dict, list[tuple[Task, str]]]:
+    """The card's metrics for `corpus`: held-out exact match (and, for pronouns, the attention
+    probe over the same held-out prompts), and the wrong answers."""
+    problems = held_out_problems(corpus)
+    accuracy, wrong = held_out_accuracy(model, tokenizer, problems)
+    metrics = {"held_out_exact_match": accuracy, "held_out_wrong": len(wrong)}
+    if corpus == "pronouns":
+        metrics["attention_probe"] = attention_probe(model, tokenizer, problems)
+    return metrics, wrong
+
+
+def card_corpus(directory: str | Path) -> str:
+    """The corpus a checkpoint was trained on, from its model_card.json."""
+    path = Path(directory) / "model_card.json"
+    if not path.is_file():
+        raise SystemExit(f"{directory} has no model_card.json: pass --corpus ({', '.join(HELD_OUT_CORPORA)})")
+    return json.loads(path.read_text())["corpus"]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="checkpoint directory")
-    parser.add_argument("--show-errors", type=int, default=10, help="print up to N wrong answers")
+    parser.add_argument("--corpus", choices=HELD_OUT_CORPORA, default=None,
+                        help="the task to evaluate (default: the corpus named in the model card)")
+    parser.add_argument("--show-errors", type=int, default=10, help="print up to N wrong answers (default: 10)")
     args = parser.parse_args(argv)
+    corpus = args.corpus or card_corpus(args.checkpoint)
+    if corpus not in HELD_OUT_CORPORA:
+        raise SystemExit(f"{args.checkpoint} was trained on corpus {corpus!r}, which has no held-out task "
+                         f"(those with one: {', '.join(HELD_OUT_CORPORA)})")
     model, tokenizer = load_checkpoint(args.checkpoint)
     start = time.perf_counter()
-    problems = calculator_split()[2]
-    accuracy, wrong = held_out_accuracy(model, tokenizer, problems)
+    metrics, wrong = evaluate(model, tokenizer, corpus)
     for p, got in wrong[: args.show_errors]:
         print(f"  wrong: {p.prompt!r} → {got!r} (expected {p.completion!r})")
-    print(f"held-out exact match: {accuracy:.2%} ({len(problems) - len(wrong)}/{len(problems)}, "
-          f"greedy, {time.perf_counter() - start:.1f} s)")
+    n = len(held_out_problems(corpus))
+    print(f"held-out exact match ({corpus}): {metrics['held_out_exact_match']:.2%} "
+          f"({n - metrics['held_out_wrong']}/{n}, greedy, {time.perf_counter() - start:.1f} s)")
+    if "attention_probe" in metrics:
+        probe = metrics["attention_probe"]
+        print("attention probe: mean attention weight over the held-out prompts")
+        print("\n".join(probe_table(probe)))
+        print(best_head_line(probe))
 
 
 if __name__ == "__main__":

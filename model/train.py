@@ -1,53 +1,130 @@
 """Train a model and write a checkpoint directory.
 
-    python -m model.train --corpus calculator --out checkpoints/calculator
-    python -m model.train --corpus text --text-file book.txt --preset small --out runs/book
+    python -m model.train --corpus calculator --out checkpoints/calculator --steps 3000
+    python -m model.train --corpus pronouns --out checkpoints/pronouns
+    python -m model.train --corpus text --text-file book.txt --minutes 10 --out runs/book
 
-AdamW, linear warmup then cosine decay, gradient clipping, periodic evaluation, a progress bar,
-a loss curve (PNG) and a model card. Deterministic given --seed.
+AdamW, linear warmup then cosine decay, gradient clipping, periodic evaluation (loss, bits per
+byte, perplexity), a progress bar, a loss curve (PNG) and a model card. Before step one it prints
+the plan: tokens per step, steps, and the wall time measured trial steps predict; with --minutes
+the steps are chosen to fit. Deterministic given --seed (and --steps). Options left unset take
+the corpus's default (CORPUS_DEFAULTS).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from model.bits import bits_per_byte, perplexity, token_byte_lengths
 from model.checkpoint import save_checkpoint
 from model.config import PRESETS, preset
-from model.data import SequenceBatches, WindowBatches, calculator_split, pad_batch, read_text_corpus
-from model.eval import held_out_accuracy
+from model.data import (
+    SequenceBatches,
+    WindowBatches,
+    calculator_examples,
+    calculator_split,
+    pad_batch,
+    read_text_corpus,
+)
+from model.eval import HELD_OUT_CORPORA, evaluate
+from model.plan import measure_step_seconds, plan_run
+from model.probe import best_head_line, probe_table
+from model.pronouns import HELD_OUT_RULE, TEMPLATES, pronoun_split
+from model.pronouns import examples as pronoun_examples
 from model.tokenizer import Tokenizer
 from model.transformer import Transformer
+
+CORPORA = {
+    "calculator": "every '<a> plus|minus <b> equals <answer>' in words, a and b in 0 … 99; "
+                  "held out: (7a + 3b) mod 11 == 5",
+    "pronouns": "Winograd-style 'the trophy did not fit in the suitcase because it was too big . "
+                "it refers to the trophy', 7 templates; held out: (2t + 3i + 5j) mod 11 == 7",
+    "text": "any UTF-8 file (--text-file); a byte-level BPE tokenizer is trained on it",
+}
+
+# What an option left unset means, per corpus. The pronoun vocabulary (~700 tokens) makes every
+# word one token; 512 would split most nouns. Text trains for a time budget, not a step count: a
+# few MB fit nanoGPT's CPU recipe (4 layers of width 128, short windows, small batches).
+CORPUS_DEFAULTS: dict[str, dict] = {
+    "calculator": dict(preset="calculator", vocab_size=512, steps=2000, batch_size=256, block_size=256,
+                       lr=3e-3, warmup_steps=100),
+    "pronouns": dict(preset="calculator", vocab_size=1024, steps=3000, batch_size=128, block_size=256,
+                     lr=3e-3, warmup_steps=100),
+    "text": dict(preset="calculator", vocab_size=2048, minutes=10.0, batch_size=32, block_size=128,
+                 lr=3e-3, warmup_steps=100),
+}
 
 
 @dataclass
 class TrainArgs:
     corpus: str = "calculator"
     text_file: str | None = None
-    out: str = "checkpoints/calculator"
-    preset: str = "calculator"
-    vocab_size: int = 512          # BPE upper bound; the calculator needs fewer and stops early
-    steps: int = 2000
-    batch_size: int = 256
-    block_size: int = 256          # text corpus window length
-    lr: float = 3e-3
+    out: str | None = None         # None ⇒ runs/<corpus>
+    preset: str | None = None      # None (here and below) ⇒ the corpus's default
+    vocab_size: int | None = None  # BPE upper bound; a small corpus needs fewer and stops early
+    steps: int | None = None
+    minutes: float | None = None   # a time budget for the training steps, instead of --steps
+    batch_size: int | None = None
+    block_size: int | None = None  # text corpus window length
+    lr: float | None = None
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 100
+    warmup_steps: int | None = None
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     eval_every: int = 250
     seed: int = 0
     threads: int | None = None
     progress: bool = True
-    eval_held_out: bool = True     # calculator: greedy exact match on every held-out problem at the end
+    eval_held_out: bool = True     # calculator, pronouns: greedy exact match on every held-out problem at the end
+
+    def resolved(self) -> TrainArgs:
+        """These options with every unset one filled in from the corpus's defaults."""
+        if self.corpus not in CORPORA:
+            raise SystemExit(f"unknown corpus {self.corpus!r}: choose from {', '.join(CORPORA)}")
+        if self.steps is not None and self.minutes is not None:
+            raise SystemExit(f"give --steps ({self.steps}) or --minutes ({self.minutes}), not both")
+        defaults = dict(CORPUS_DEFAULTS[self.corpus])
+        if self.steps is not None or self.minutes is not None:   # the one given wins over the default
+            defaults.pop("minutes", None)
+            defaults.pop("steps", None)
+        fill = {k: v for k, v in defaults.items() if getattr(self, k) is None}
+        if self.out is None:
+            fill["out"] = f"runs/{self.corpus}"
+        return replace(self, **fill)
+
+
+HELP = {
+    "corpus": "what to train on: " + "; ".join(f"{name}: {what}" for name, what in CORPORA.items()),
+    "text_file": "the UTF-8 file for --corpus text (its last 5%% is validation)",
+    "out": "the checkpoint directory to write (default: runs/<corpus>)",
+    "preset": f"model size, one of {', '.join(PRESETS)}",
+    "vocab_size": "upper bound on the BPE tokenizer's vocabulary",
+    "steps": "optimizer steps",
+    "minutes": "a time budget instead of --steps: trial steps are timed and the step count chosen so the "
+               "training steps fit, the schedule planned for them",
+    "batch_size": "sequences per step",
+    "block_size": "tokens per training window (--corpus text)",
+    "lr": "peak learning rate (AdamW)",
+    "min_lr_ratio": "the cosine decay ends at lr × this",
+    "warmup_steps": "steps of linear warmup from 0 to lr",
+    "weight_decay": "AdamW weight decay on matrices (not on norms)",
+    "grad_clip": "gradient norm clip",
+    "eval_every": "steps between validation-loss evaluations",
+    "seed": "seeds data order, initialisation and the validation split: same seed, same model",
+    "threads": "torch threads (default: torch's choice)",
+    "progress": "hide the progress bar",
+    "eval_held_out": "skip the held-out evaluation at the end (calculator, pronouns)",
+}
 
 
 def lr_at(step: int, args: TrainArgs) -> float:
@@ -72,41 +149,52 @@ def loss_on(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor) -> 
 
 
 def prepare(args: TrainArgs):
-    """Tokenizer, training batches, and a fixed validation batch for the chosen corpus."""
-    if args.corpus == "calculator":
-        train, val, held_out = calculator_split(seed=args.seed)
+    """Tokenizer, training batches, a fixed validation batch, the corpus's facts for the card, and
+    example prompts for the viewer."""
+    if args.corpus in ("calculator", "pronouns"):
+        if args.corpus == "calculator":
+            train, val, held_out = calculator_split(seed=args.seed)
+            facts = {"train_problems": len(train), "val_problems": len(val), "held_out_problems": len(held_out),
+                     "held_out_rule": "(a, op, b) is held out iff (7a + 3b) mod 11 == 5"}
+            examples = calculator_examples()
+        else:
+            train, val, held_out = pronoun_split(seed=args.seed)
+            facts = {"templates": len(TEMPLATES), "train_problems": len(train), "val_problems": len(val),
+                     "held_out_problems": len(held_out), "held_out_rule": HELD_OUT_RULE}
+            examples = pronoun_examples()
         tokenizer = Tokenizer.train_bpe((p.text for p in train), vocab_size=args.vocab_size)
         encode = lambda text: tokenizer.encode(text) + [tokenizer.eos_id]
         batches = SequenceBatches([encode(p.text) for p in train], batch_size=args.batch_size,
                                   pad_id=tokenizer.hf.token_to_id("<|pad|>"), seed=args.seed)
         val_batch = pad_batch([encode(p.text) for p in val], pad_id=batches.pad_id)
-        facts = {"train_problems": len(train), "val_problems": len(val), "held_out_problems": len(held_out),
-                 "held_out_rule": "(a, op, b) is held out iff (7a + 3b) mod 11 == 5"}
-        return tokenizer, batches, val_batch, facts
-    if args.corpus == "text":
-        if not args.text_file:
-            raise SystemExit("--corpus text needs --text-file PATH")
-        train_text, val_text = read_text_corpus(args.text_file)
-        tokenizer = Tokenizer.train_bpe(train_text.splitlines(keepends=True), vocab_size=args.vocab_size)
-        train_ids = tokenizer.encode(train_text, add_bos=False)
-        val_ids = tokenizer.encode(val_text, add_bos=False)
-        block = min(args.block_size, len(val_ids) - 2)
-        batches = WindowBatches(train_ids, batch_size=args.batch_size, block_size=block, seed=args.seed)
-        val_batch = next(WindowBatches(val_ids, batch_size=min(64, args.batch_size), block_size=block,
-                                       seed=args.seed + 1))
-        facts = {"text_file": str(args.text_file), "train_tokens": len(train_ids), "val_tokens": len(val_ids),
-                 "block_size": block}
-        return tokenizer, batches, val_batch, facts
-    raise SystemExit(f"unknown corpus {args.corpus!r}: choose calculator or text")
+        return tokenizer, batches, val_batch, facts, examples
+    if not args.text_file:
+        raise SystemExit("--corpus text needs --text-file PATH")
+    train_text, val_text = read_text_corpus(args.text_file)
+    tokenizer = Tokenizer.train_bpe(train_text.splitlines(keepends=True), vocab_size=args.vocab_size)
+    train_ids = tokenizer.encode(train_text, add_bos=False)
+    val_ids = tokenizer.encode(val_text, add_bos=False)
+    block = min(args.block_size, len(val_ids) - 2)
+    batches = WindowBatches(train_ids, batch_size=args.batch_size, block_size=block, seed=args.seed)
+    val_batch = next(WindowBatches(val_ids, batch_size=min(64, args.batch_size), block_size=block,
+                                   seed=args.seed + 1))
+    facts = {"text_file": str(args.text_file), "train_tokens": len(train_ids), "val_tokens": len(val_ids),
+             "block_size": block}
+    words = val_text.split()
+    examples = [{"prompt": " ".join(words[:8]), "completion": " " + " ".join(words[8:16])}] if words else []
+    return tokenizer, batches, val_batch, facts, examples
 
 
 def train(args: TrainArgs) -> dict:
+    """Train with `args` (unset options take the corpus's defaults), write the checkpoint with its
+    loss curve and model card, and return the card's metrics."""
+    given, args = args, args.resolved()
     torch.manual_seed(args.seed)
     torch.use_deterministic_algorithms(True)
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    tokenizer, batches, (val_x, val_y), facts = prepare(args)
+    tokenizer, batches, (val_x, val_y), facts, examples = prepare(args)
     max_context = PRESETS[args.preset].get("max_context", 1024)
     if args.corpus == "text":
         max_context = max(max_context, facts["block_size"])
@@ -115,11 +203,21 @@ def train(args: TrainArgs) -> dict:
                     pad_token_id=tokenizer.hf.token_to_id("<|pad|>"))
     model = Transformer(config)
     model.init_weights(seed=args.seed)
+    picked = {k: getattr(args, k) for k in CORPUS_DEFAULTS[args.corpus] if getattr(given, k) is None}
+    print(f"corpus {args.corpus} defaults for options not given: "
+          + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in picked.items()))
+    plan = plan_training(model, batches, args)
+    args = replace(args, steps=plan.steps)
+    print(plan.describe(), flush=True)
     optimizer = make_optimizer(model, args)
-    history: dict[str, list] = {"step": [], "loss": [], "val_step": [], "val_loss": []}
+    byte_lengths = token_byte_lengths(tokenizer)
+    history: dict[str, list] = {"step": [], "loss": [], "val_step": [], "val_loss": [], "val_bpb": []}
+    loop_start = last_step_end = time.perf_counter()
+    recent_pace = plan.seconds_per_step
 
-    bar = tqdm(range(args.steps), desc="train", disable=not args.progress, dynamic_ncols=True)
-    for step in bar:
+    bar = tqdm(total=args.steps, desc="train", disable=not args.progress, dynamic_ncols=True)
+    step = 0
+    while step < args.steps:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
         inputs, targets = next(batches)
@@ -130,26 +228,65 @@ def train(args: TrainArgs) -> dict:
         optimizer.step()
         history["step"].append(step)
         history["loss"].append(loss.item())
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+        step += 1
+        bar.update(1)
+        if step % args.eval_every == 0 or step == args.steps:
             model.eval()
             with torch.no_grad():
                 val_loss = loss_on(model, val_x, val_y).item()
             model.train()
-            history["val_step"].append(step + 1)
+            history["val_step"].append(step)
             history["val_loss"].append(val_loss)
-            bar.set_postfix(loss=f"{loss.item():.4f}", val=f"{val_loss:.4f}")
+            history["val_bpb"].append(bits_per_byte(val_loss, val_y, byte_lengths))
+            bar.set_postfix(loss=f"{loss.item():.4f}", val=f"{val_loss:.4f}", bpb=f"{history['val_bpb'][-1]:.3f}")
+        if plan.budget_seconds is not None and step < args.steps:
+            # A shared CPU's speed drifts: after every step, re-fit the remaining steps to the
+            # remaining budget, and the cosine with them, so the run ends on time at its floor.
+            now = time.perf_counter()
+            recent_pace = 0.8 * recent_pace + 0.2 * (now - last_step_end)   # seconds per step, lately
+            last_step_end = now
+            steps = plan.refit(done=step, elapsed=now - loop_start, recent_pace=recent_pace,
+                               warmup_steps=args.warmup_steps)
+            if steps != args.steps:
+                args = replace(args, steps=steps)
+                bar.total = steps
+    bar.close()
 
     model.eval()
+    loop_seconds = time.perf_counter() - loop_start
     train_seconds = time.perf_counter() - start
-    metrics = {"final_train_loss": history["loss"][-1], "final_val_loss": history["val_loss"][-1]}
-    if args.corpus == "calculator" and args.eval_held_out:
-        accuracy, wrong = held_out_accuracy(model, tokenizer)
-        metrics["held_out_exact_match"] = accuracy
-        metrics["held_out_wrong"] = len(wrong)
+    metrics = {"final_train_loss": history["loss"][-1], "final_val_loss": history["val_loss"][-1],
+               "final_val_bits_per_byte": history["val_bpb"][-1],
+               "final_val_perplexity": perplexity(history["val_loss"][-1])}
+    if args.corpus in HELD_OUT_CORPORA and args.eval_held_out:
+        metrics |= evaluate(model, tokenizer, args.corpus)[0]
     out = save_checkpoint(model, tokenizer, args.out)
     plot_loss(history, out / "loss.png")
-    write_model_card(out, args, config, facts, metrics, train_seconds, model.num_parameters)
+    card = {"corpus": args.corpus, "corpus_facts": facts, "parameters": model.num_parameters,
+            "config": config.as_dict(), "training": {k: v for k, v in vars(args).items() if k != "progress"},
+            "wall_time_seconds": round(train_seconds, 1), "training_loop_seconds": round(loop_seconds, 1),
+            "plan": {"tokens_per_step": plan.tokens_per_step, "planned_steps": plan.steps, "steps": args.steps,
+                     "seconds_per_step": round(plan.seconds_per_step, 4),
+                     "estimated_seconds": round(plan.estimated_seconds, 1), "budget_seconds": plan.budget_seconds},
+            "metrics": metrics, "examples": examples,
+            "command": "python -m model.train " + " ".join(_cli_flags(given, args))}
+    write_model_card(out, card)
     return metrics
+
+
+def plan_training(model: Transformer, batches, args: TrainArgs):
+    """Time trial steps on a batch of the run's shape (drawn from a copy of the batches with its own
+    seed, so the run's data order is untouched; gradients dropped, no update) and plan the run."""
+    trial = copy.deepcopy(batches)
+    trial.gen.manual_seed(args.seed + 1_000_003)
+    inputs, targets = next(trial)
+
+    def step() -> None:
+        loss_on(model, inputs, targets).backward()
+        model.zero_grad(set_to_none=True)
+
+    return plan_run(tokens_per_step=int((targets != -100).sum()), seconds_per_step=measure_step_seconds(step),
+                    steps=args.steps, minutes=args.minutes, warmup_steps=args.warmup_steps)
 
 
 def plot_loss(history: dict, path: Path) -> None:
@@ -159,54 +296,79 @@ def plot_loss(history: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     ax.plot(history["step"], history["loss"], lw=0.8, label="train")
     ax.plot(history["val_step"], history["val_loss"], "o-", label="validation")
-    ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", yscale="log", title="training loss")
+    ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", yscale="log",
+           title=f"training loss (validation at the end: {history['val_bpb'][-1]:.3f} bits per byte)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
-def write_model_card(out: Path, args: TrainArgs, config, facts: dict, metrics: dict,
-                     seconds: float, n_params: int) -> None:
-    card = {"corpus": args.corpus, "corpus_facts": facts, "parameters": n_params,
-            "config": config.as_dict(), "training": {k: v for k, v in vars(args).items() if k != "progress"},
-            "wall_time_seconds": round(seconds, 1), "metrics": metrics,
-            "command": "python -m model.train " + " ".join(_cli_flags(args))}
+def write_model_card(out: Path, card: dict) -> None:
+    """model_card.json (the facts, for programs: the server's viewer reads `examples` and the
+    probe's `best_head`) and model_card.md (the same, for people)."""
     (out / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
-    lines = [f"# {out.name}", "", f"A {n_params / 1e6:.2f}M-parameter Llama-style decoder trained by attnserve "
-             f"on the `{args.corpus}` corpus.", "", f"Reproduce: `{card['command']}`", "",
+    t, metrics = card["training"], card["metrics"]
+    lines = [f"# {out.name}", "", f"A {card['parameters'] / 1e6:.2f}M-parameter Llama-style decoder trained by "
+             f"attnserve on the `{card['corpus']}` corpus.", "", f"Reproduce: `{card['command']}`", "",
              "| fact | value |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in facts.items()]
-    lines += [f"| steps | {args.steps} (batch {args.batch_size}, lr {args.lr}, seed {args.seed}) |",
-              f"| wall time | {seconds / 60:.1f} min |"]
-    lines += [f"| {k} | {v:.4%} |" if "exact_match" in k else f"| {k} | {v:.4g} |" for k, v in metrics.items()]
+    lines += [f"| {k} | {v} |" for k, v in card["corpus_facts"].items()]
+    lines += [f"| steps | {t['steps']} (batch {t['batch_size']}, lr {t['lr']}, seed {t['seed']}) |",
+              f"| wall time | {card['wall_time_seconds'] / 60:.1f} min |"]
+    lines += [f"| {k} | {v:.4%} |" if "exact_match" in k else f"| {k} | {v:.4g} |"
+              for k, v in metrics.items() if isinstance(v, int | float)]
+    if probe := metrics.get("attention_probe"):
+        lines += ["", "## Attention probe", "",
+                  f"Mean attention weight over the {probe['prompts']} held-out prompts, from the answer-predicting "
+                  "position (the final `the`) and from the sentence's `it`, to the referent and to the distractor.",
+                  "", best_head_line(probe), "", *probe_table(probe)]
+    if card["examples"]:
+        lines += ["", "## Example prompts", ""]
+        lines += [f"- `{e['prompt']}` → `{e['completion']}`" for e in card["examples"]]
     lines += ["", "![loss curve](loss.png)", ""]
     (out / "model_card.md").write_text("\n".join(lines))
 
 
-def _cli_flags(args: TrainArgs) -> list[str]:
+def _cli_flags(given: TrainArgs, args: TrainArgs) -> list[str]:
+    """The command line that reproduces this run: --corpus, --out, and every option given that
+    differs from its default."""
     defaults = TrainArgs()
-    return [f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-            if (k not in ("progress", "eval_held_out") and v != getattr(defaults, k)) or k in ("corpus", "out")]
+    return [f"--{k.replace('_', '-')} {getattr(args, k)}" for k, v in vars(given).items()
+            if (k not in ("progress", "eval_held_out") and v is not None and v != getattr(defaults, k))
+            or k in ("corpus", "out")]
 
 
 def parse_args(argv: list[str] | None = None) -> TrainArgs:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    epilog = "corpus defaults (for options left unset):\n" + "\n".join(
+        f"  {name}: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in d.items())
+        for name, d in CORPUS_DEFAULTS.items())
+    parser = argparse.ArgumentParser(prog="python -m model.train", description=__doc__, epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    types = {f.name: f.type for f in fields(TrainArgs)}
     for name, default in vars(TrainArgs()).items():
         flag = "--" + name.replace("_", "-")
         if name in ("progress", "eval_held_out"):
-            parser.add_argument(f"--no-{name.replace('_', '-')}", dest=name, action="store_false")
-        elif name == "threads" or name == "text_file":
-            parser.add_argument(flag, type=int if name == "threads" else str, default=default)
+            parser.add_argument(f"--no-{name.replace('_', '-')}", dest=name, action="store_false", help=HELP[name])
+            continue
+        kind = next(t for t in (int, float, str) if t.__name__ in str(types[name]))
+        if any(name in d for d in CORPUS_DEFAULTS.values()):
+            shown = "per corpus: " + ", ".join(f"{c} {d.get(name, 'unset')}" for c, d in CORPUS_DEFAULTS.items())
         else:
-            parser.add_argument(flag, type=type(default), default=default)
+            shown = "runs/<corpus>" if name == "out" else str(default)
+        help_text = HELP[name] + ("" if "(default" in HELP[name] else f" (default: {shown})")
+        kwargs = {"choices": list(CORPORA)} if name == "corpus" else {}
+        parser.add_argument(flag, type=kind, default=default, help=help_text, **kwargs)
     return TrainArgs(**vars(parser.parse_args(argv)))
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     metrics = train(args)
-    print(json.dumps({"out": args.out, **metrics}, indent=2))
+    if probe := metrics.get("attention_probe"):
+        print("\n".join(probe_table(probe)))
+        print(best_head_line(probe))
+        metrics = {k: v for k, v in metrics.items() if k != "attention_probe"}
+    print(json.dumps({"out": args.resolved().out, **metrics}, indent=2))
 
 
 if __name__ == "__main__":

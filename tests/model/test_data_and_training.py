@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import fields
+from pathlib import Path
 
-from model.data import all_problems, calculator_split, is_held_out, number_words
-from model.train import TrainArgs, lr_at, train
+import pytest
+
+from model.checkpoint import load_checkpoint
+from model.data import all_problems, calculator_examples, calculator_split, is_held_out, number_words
+from model.eval import greedy_answers
+from model.train import CORPORA, CORPUS_DEFAULTS, TrainArgs, lr_at, parse_args, train
 
 
 def test_number_words():
@@ -66,3 +73,47 @@ def test_text_corpus_trains_a_bpe_tokenizer(tmp_path):
                               vocab_size=300, steps=20, batch_size=8, block_size=32, eval_every=10,
                               warmup_steps=2, progress=False))
     assert metrics["final_val_loss"] < 4.0
+
+
+def test_calculator_examples_are_the_origin_then_held_out_problems():
+    examples = calculator_examples()
+    assert examples[0] == {"prompt": "two plus three equals", "completion": " five"}
+    problems = {p.prompt: p for p in all_problems()}
+    for e in examples[1:]:
+        p = problems[e["prompt"]]
+        assert is_held_out(p.a, p.b) and p.completion == e["completion"]
+
+
+def test_shipped_calculator_card_lists_examples_the_model_answers():
+    directory = Path(__file__).resolve().parents[2] / "checkpoints" / "calculator"
+    card = json.loads((directory / "model_card.json").read_text())
+    assert card["examples"] == calculator_examples()
+    model, tokenizer = load_checkpoint(directory)
+    assert greedy_answers(model, tokenizer, [e["prompt"] for e in card["examples"]]) == \
+        [e["completion"] for e in card["examples"]]
+
+
+def test_help_explains_every_flag_with_its_default_and_lists_the_corpora(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = capsys.readouterr().out
+    for corpus in CORPORA:
+        assert corpus in text
+    for f in fields(TrainArgs):
+        flag = ("--no-" if f.name in ("progress", "eval_held_out") else "--") + f.name.replace("_", "-")
+        entry = re.search(rf"^  {re.escape(flag)}\b.*?(?=^  --|\Z)", text, re.S | re.M)
+        assert entry, flag
+        words = entry.group(0).split()
+        assert len(words) > 4, f"{flag} has no description"
+        if not flag.startswith("--no-"):
+            assert "(default:" in entry.group(0), flag
+
+
+def test_unset_options_take_the_corpus_defaults():
+    args = TrainArgs(corpus="pronouns").resolved()
+    assert (args.vocab_size, args.steps, args.batch_size, args.out) == (
+        CORPUS_DEFAULTS["pronouns"]["vocab_size"], CORPUS_DEFAULTS["pronouns"]["steps"],
+        CORPUS_DEFAULTS["pronouns"]["batch_size"], "runs/pronouns")
+    assert TrainArgs(corpus="calculator", steps=7).resolved().steps == 7
+    with pytest.raises(SystemExit, match="unknown corpus 'poems'"):
+        TrainArgs(corpus="poems").resolved()
