@@ -43,6 +43,7 @@ from model.events import (
     Started,
     Token,
 )
+from model.quantization import resolve_kv_cache_dtype, weights_info
 from model.sampling import MAX_LOGPROBS, Sampled, SamplingBatch, sample
 from model.stops import StopMatcher
 from model.tokenizer import Tokenizer
@@ -87,12 +88,14 @@ class _Sequence:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, *, max_batch: int = 8,
-                 max_context: int | None = None, max_queue: int = 64):
+                 max_context: int | None = None, max_queue: int = 64,
+                 kv_cache_dtype: str | torch.dtype | None = "auto"):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.device = model.embed_tokens.weight.device
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_context = min(max_context or model.config.max_context, model.config.max_context)
-        self.cache = model.new_cache(max_batch, self.max_context)
+        kv_dtype = resolve_kv_cache_dtype(kv_cache_dtype, model.embed_tokens.weight.dtype)
+        self.cache = model.new_cache(max_batch, self.max_context, dtype=kv_dtype)
         self._free = list(range(max_batch))          # a min-heap: low slots first keeps batches contiguous
         self._active: list[_Sequence] = []           # sorted by slot; touched by the stepping thread only
         self._waiting: deque[_Sequence] = deque()
@@ -159,6 +162,13 @@ class Engine:
     @property
     def num_waiting(self) -> int:
         return len(self._waiting)
+
+    @property
+    def weights_info(self) -> dict:
+        """JSON-able: the compute dtype, quantization, kernels per batch size and KV-cache dtype."""
+        info = weights_info(self.model)
+        info["kv_cache_dtype"] = str(self.cache.kv.dtype).removeprefix("torch.")
+        return info
 
     @property
     def kv_usage(self) -> float:
