@@ -1,6 +1,7 @@
 """Greedy exact-match accuracy of a calculator checkpoint on the held-out problems.
 
     python -m model.eval checkpoints/calculator
+    python -m model.eval checkpoints/calculator --dtype bfloat16 --quantization int8
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 
 from model.checkpoint import load_checkpoint
 from model.data import Problem, calculator_split
+from model.quantization import DTYPE_CHOICES, KV_CACHE_DTYPES, QUANTIZATIONS, resolve_kv_cache_dtype, weights_info
 from model.tokenizer import Tokenizer
 from model.transformer import Transformer
 
@@ -21,12 +23,14 @@ MAX_ANSWER_TOKENS = 8  # "one hundred ninety eight" is 4 word tokens; leave room
 
 @torch.inference_mode()
 def greedy_answers(model: Transformer, tokenizer: Tokenizer, prompts: list[str], *,
-                   max_new_tokens: int = MAX_ANSWER_TOKENS, batch_size: int = 256) -> list[str]:
-    """Greedy completions, batched over prompts of equal token length through the KV cache."""
+                   max_new_tokens: int = MAX_ANSWER_TOKENS, batch_size: int = 256,
+                   kv_cache_dtype: torch.dtype | None = None) -> list[str]:
+    """Greedy completions, batched over prompts of equal token length through the KV cache
+    (in `kv_cache_dtype`, default the compute dtype)."""
     encoded = [tokenizer.encode(p) for p in prompts]
     answers: list[str] = [""] * len(prompts)
     by_length = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    cache = model.new_cache(batch_size, max_context=max(map(len, encoded)) + max_new_tokens)
+    cache = model.new_cache(batch_size, max_context=max(map(len, encoded)) + max_new_tokens, dtype=kv_cache_dtype)
     for _, group in itertools.groupby(by_length, key=lambda i: len(encoded[i])):
         group = list(group)
         for start in range(0, len(group), batch_size):
@@ -57,11 +61,11 @@ def _greedy(model: Transformer, cache, tokens: torch.Tensor, max_new_tokens: int
     return out
 
 
-def held_out_accuracy(model: Transformer, tokenizer: Tokenizer,
-                      problems: list[Problem] | None = None) -> tuple[float, list[tuple[Problem, str]]]:
+def held_out_accuracy(model: Transformer, tokenizer: Tokenizer, problems: list[Problem] | None = None, *,
+                      kv_cache_dtype: torch.dtype | None = None) -> tuple[float, list[tuple[Problem, str]]]:
     """Exact-match accuracy and the (problem, wrong answer) pairs."""
     problems = problems if problems is not None else calculator_split()[2]
-    answers = greedy_answers(model, tokenizer, [p.prompt for p in problems])
+    answers = greedy_answers(model, tokenizer, [p.prompt for p in problems], kv_cache_dtype=kv_cache_dtype)
     wrong = [(p, a) for p, a in zip(problems, answers) if a != p.completion]
     return 1 - len(wrong) / len(problems), wrong
 
@@ -70,11 +74,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="checkpoint directory")
     parser.add_argument("--show-errors", type=int, default=10, help="print up to N wrong answers")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
+                        help="compute dtype (default float32: the exact reference)")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default="none", help="int8: weight-only")
+    parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto", help="auto: the compute dtype")
     args = parser.parse_args(argv)
-    model, tokenizer = load_checkpoint(args.checkpoint)
+    model, tokenizer = load_checkpoint(args.checkpoint, dtype=args.dtype, quantization=args.quantization)
+    kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, model.embed_tokens.weight.dtype)
+    info = weights_info(model)
+    print(f"weights: {info['dtype']}, quantization {info['quantization']}, KV cache "
+          f"{str(kv_dtype).removeprefix('torch.')}; kernels {info['kernels']}")
     start = time.perf_counter()
     problems = calculator_split()[2]
-    accuracy, wrong = held_out_accuracy(model, tokenizer, problems)
+    accuracy, wrong = held_out_accuracy(model, tokenizer, problems, kv_cache_dtype=kv_dtype)
     for p, got in wrong[: args.show_errors]:
         print(f"  wrong: {p.prompt!r} → {got!r} (expected {p.completion!r})")
     print(f"held-out exact match: {accuracy:.2%} ({len(problems) - len(wrong)}/{len(problems)}, "

@@ -118,9 +118,14 @@ class EngineAPI(ls.LitAPI):
         settings = self.settings
         threads = settings.torch_threads
         torch.set_num_threads(threads)
-        model, tokenizer = load_checkpoint(settings.checkpoint, device=device)
+        model, tokenizer = load_checkpoint(settings.checkpoint, device=device, dtype=settings.dtype,
+                                           quantization=settings.quantization)
         engine = Engine(model, tokenizer, max_batch=settings.max_batch, max_context=settings.max_context,
-                        max_queue=settings.max_queue + settings.max_batch)
+                        max_queue=settings.max_queue + settings.max_batch, kv_cache_dtype=settings.kv_cache_dtype)
+        # A spawned worker has no logging set up of its own: configure it as __main__ does, so the
+        # start-up lines (the kernel choice among them) reach the server's log.
+        logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        log.info("weights: %s", engine.weights_info)
         worker = int(os.environ.get("LITSERVE_WORKER_ID", "0"))
         metrics = Metrics(settings.served_model_name, engine.max_context)
         self.runner = EngineRunner(engine, metrics, self.cancel_readers[worker], settings)
