@@ -4,6 +4,7 @@ names and refusals."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -139,6 +140,7 @@ def test_weights_info_names_the_kernels():
     rows = model.kernel_choice.int8_max_rows
     assert info["kernels"][f"rows <= {rows}"].startswith("int8")
     assert set(info["measured_ms"]) >= {"1"}                            # measured at load
+    assert json.loads(json.dumps(info)) == info                         # ready for /v1/models
     f32_info = Engine(load_checkpoint(CALCULATOR)[0], tokenizer, max_batch=1).weights_info
     assert f32_info["weight_bytes_per_token"] > 3.5 * info["weight_bytes_per_token"]
 
