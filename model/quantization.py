@@ -199,8 +199,8 @@ def measure_int8_rows(model: nn.Module, *, reps: int = 5) -> tuple[int, dict[int
     timings, best_rows = {}, 0
     for rows in MEASURED_ROWS:
         xs = [torch.randn(rows, w.shape[0], dtype=dtype) for w, _ in mats]
-        passes = {"int8": lambda: [q.mm(x) for x, (_, q) in zip(xs, mats)],
-                  "dense": lambda: [x @ w for x, (w, _) in zip(xs, mats)]}
+        passes = {"int8": lambda xs=xs: [q.mm(x) for x, (_, q) in zip(xs, mats)],
+                  "dense": lambda xs=xs: [x @ w for x, (w, _) in zip(xs, mats)]}
         best = dict.fromkeys(passes, float("inf"))
         for rep in range(reps + 1):                     # the first round warms up
             for name, fn in passes.items():

@@ -162,5 +162,5 @@ def test_settings_are_named_as_in_vllm_and_refusals_name_the_field(monkeypatch):
 def test_int8_off_the_cpu_is_refused_with_the_alternative():
     from model.quantization import apply_weights
     model = tiny_model().to("meta")
-    with pytest.raises(ValueError, match="CPU only.*dtype='bfloat16'"):
+    with pytest.raises(ValueError, match=r"CPU only.*dtype='bfloat16'"):
         apply_weights(model, dtype=torch.bfloat16, quantization="int8")
