@@ -22,6 +22,7 @@ model/attention.py), and logits leave the model as float32 for sampling.
 
 from __future__ import annotations
 
+import statistics
 import time
 import warnings
 from dataclasses import dataclass
@@ -188,11 +189,12 @@ def apply_weights(model: nn.Module, *, dtype: torch.dtype, quantization: str = "
 
 
 @torch.inference_mode()
-def measure_int8_rows(model: nn.Module, *, reps: int = 5) -> tuple[int, dict[int, tuple[float, float]]]:
+def measure_int8_rows(model: nn.Module, *, reps: int = 7) -> tuple[int, dict[int, tuple[float, float]]]:
     """Time one pass over every int8 matrix of the model, int8 kernel vs the dense GEMM, at each
     batch size in MEASURED_ROWS; return the largest size below the first one where dense wins
-    (0: dense always), and the timings. The two alternate and the best of `reps` counts: other
-    load on the machine only ever adds time, and hits both alike."""
+    (0: dense always), and the timings (medians, ms). The two run back to back `reps` times and
+    the median of the paired ratios decides: a burst of other load on a shared machine slows the
+    pair alike, or one of them in a single pair only."""
     mats = [(getattr(m, n), getattr(m, n + "_int8")) for m, n in _projections(model)]
     mats.append((model.lm_head.weight.t(), model.lm_head_int8))
     dtype = model.weights_dtype
@@ -201,15 +203,16 @@ def measure_int8_rows(model: nn.Module, *, reps: int = 5) -> tuple[int, dict[int
         xs = [torch.randn(rows, w.shape[0], dtype=dtype) for w, _ in mats]
         passes = {"int8": lambda xs=xs: [q.mm(x) for x, (_, q) in zip(xs, mats)],
                   "dense": lambda xs=xs: [x @ w for x, (w, _) in zip(xs, mats)]}
-        best = dict.fromkeys(passes, float("inf"))
+        seconds: dict[str, list[float]] = {name: [] for name in passes}
         for rep in range(reps + 1):                     # the first round warms up
             for name, fn in passes.items():
                 start = time.perf_counter()
                 fn()
                 if rep:
-                    best[name] = min(best[name], time.perf_counter() - start)
-        timings[rows] = (best["int8"] * 1e3, best["dense"] * 1e3)
-        if best["int8"] >= best["dense"]:
+                    seconds[name].append(time.perf_counter() - start)
+        ratio = statistics.median(a / b for a, b in zip(seconds["int8"], seconds["dense"]))
+        timings[rows] = tuple(statistics.median(seconds[name]) * 1e3 for name in passes)
+        if ratio >= 1:
             break
         best_rows = rows
     return best_rows, timings
