@@ -3,6 +3,7 @@
     python bench/serve.py                 # the shipped calculator checkpoint, under a minute
     python bench/serve.py --model bench   # the engine benchmark's 34M random-weight model
     python bench/serve.py --quick         # a smoke run
+    python bench/serve.py --model bench --dtype bfloat16 --quantization int8   # weights settings
 
 Prints, from one run on this machine (ratios, since absolute times vary with load):
   - 1 streaming client's decode tokens/s vs the in-process engine at batch 1   (target ≥ 0.8×)
@@ -36,6 +37,7 @@ from bench.common import random_checkpoint
 from model.checkpoint import load_checkpoint
 from model.engine import Engine
 from model.events import GenerationRequest
+from model.quantization import DTYPE_CHOICES, KV_CACHE_DTYPES, QUANTIZATIONS
 from server import native
 from server.settings import Settings
 from tests.serving import CHECKPOINT, running_server
@@ -47,11 +49,13 @@ TOKEN_LINE = native.TOKEN_LINE.encode()
 class BareEngine:
     """The in-process engine: the baseline the server is compared with."""
 
-    def __init__(self, checkpoint: Path, threads: int, max_batch: int):
+    def __init__(self, checkpoint: Path, threads: int, max_batch: int, *, dtype: str = "float32",
+                 quantization: str = "none", kv_cache_dtype: str = "auto"):
         torch.set_num_threads(threads)
-        model, self.tokenizer = load_checkpoint(checkpoint)
-        self.engines = {1: Engine(model, self.tokenizer, max_batch=1),
-                        max_batch: Engine(model, self.tokenizer, max_batch=max_batch)}
+        model, self.tokenizer = load_checkpoint(checkpoint, dtype=dtype, quantization=quantization)
+        self.engines = {n: Engine(model, self.tokenizer, max_batch=n, kv_cache_dtype=kv_cache_dtype)
+                        for n in (1, max_batch)}
+        self.weights_info = self.engines[1].weights_info
 
     def tokens_per_second(self, requests: int, tokens: int) -> float:
         """`requests` requests at once, submit to last token: aggregate tokens/s."""
@@ -143,6 +147,9 @@ def main() -> None:
                         help="torch threads of the bare engine and the server's worker (default: the server's)")
     parser.add_argument("--quick", action="store_true", help="fewer tokens and repeats (a smoke run)")
     parser.add_argument("--transport", choices=("mp", "zmq"), default="zmq", help="the server's --transport")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help="engine's and server's --dtype")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default="none", help="and --quantization")
+    parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto", help="and --kv-cache-dtype")
     args = parser.parse_args()
     tokens, repeats = (40, 1) if args.quick else (args.tokens, 5)
     args.threads = args.threads or Settings().torch_threads
@@ -156,11 +163,14 @@ def main() -> None:
 
 
 def measure(args, tmp: str, tokens: int, repeats: int) -> tuple:
-    engine = BareEngine(args.checkpoint, args.threads, args.clients)
+    engine = BareEngine(args.checkpoint, args.threads, args.clients, dtype=args.dtype,
+                        quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
+    print(f"weights (bare engine): {engine.weights_info}", flush=True)
     engine.tokens_per_second(1, tokens)                   # warm up
     with running_server(
             Path(tmp), "--checkpoint", str(args.checkpoint), "--max-batch", str(args.clients),
-            "--threads", str(args.threads), "--transport", args.transport, "--log-level", "warning") as srv:
+            "--threads", str(args.threads), "--transport", args.transport, "--log-level", "warning",
+            "--dtype", args.dtype, "--quantization", args.quantization, "--kv-cache-dtype", args.kv_cache_dtype) as srv:
         idle = idle_cpu_percent(srv.proc.pid, 2.0 if args.quick else 5.0)
         asyncio.run(load(srv.url, 1, tokens))               # warm up
         # Side by side: the bare engine with 1 and with 32 requests, 1 client, 32 clients, in
@@ -185,7 +195,8 @@ def report(args, tokens: int, engine_tps: float, engine_many_tps: float, single:
         (f"(context) bare engine, {args.clients} requests vs 1", engine_many_tps, engine_tps, None),
     ]
     print(f"\nattnserve serving benchmark — {args.checkpoint.name}, {tokens} tokens/request, "
-          f"{args.threads} torch threads, {os.cpu_count()} cores\n")
+          f"{args.threads} torch threads, {os.cpu_count()} cores, dtype {args.dtype}, quantization "
+          f"{args.quantization}, KV cache {args.kv_cache_dtype}\n")
     print(f"{'measurement':<48} {'ours':>10} {'baseline':>10} {'ratio':>7} {'target':>7}  result")
     for name, ours, base, target in rows:
         ratio = ours / base if base else float("nan")

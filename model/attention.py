@@ -26,23 +26,27 @@ from torch import Tensor, nn
 
 from model.config import ModelConfig
 from model.kv_cache import CacheIndex, KVCache
+from model.quantization import Int8Weight, int8_mm
 from model.rope import apply_rope
 
 
 def explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
     """q (B, nh, T, hs), k/v (B, nkv, S, hs), mask (B, 1, T, S) bool or None (see the module
-    docstring). Returns the output (B, nh, T, hs) and weights (B, nh, T, S)."""
+    docstring). Returns the output (B, nh, T, hs) in q's dtype and weights (B, nh, T, S) in float32:
+    whatever the compute dtype, scores and softmax are float32, and so are the probabilities users see."""
     B, nh, T, hs = q.shape
     nkv, S = k.shape[1], k.shape[2]
     if mask is None and T > 1:  # causal, the queries being the last T positions
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    dtype = q.dtype                          # scores, softmax and mix in float32 (no-ops for f32)
+    q, k, v = q.float(), k.float(), v.float()
     q = q.reshape(B, nkv, nh // nkv, T, hs)                    # (B, nkv, g, T, hs): heads by kv group
     scores = q @ k.unsqueeze(2).transpose(-2, -1) / math.sqrt(hs)  # (B, nkv, g, T, S)
     if mask is not None:        # (None with T == 1: one query after all S keys sees every key)
         scores = scores.masked_fill(~mask.unsqueeze(-3), float("-inf"))
     weights = scores.softmax(dim=-1)                           # (B, nkv, g, T, S)
     out = weights @ v.unsqueeze(2)                             # (B, nkv, g, T, hs)
-    return out.view(B, nh, T, hs), weights.view(B, nh, T, S)
+    return out.view(B, nh, T, hs).to(dtype), weights.view(B, nh, T, S)
 
 
 def fast_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
@@ -74,6 +78,9 @@ class Attention(nn.Module):
         nh, nkv, hs = self.n_heads, self.n_kv_heads, self.head_dim
         self.w_qkv = nn.Parameter(torch.empty(config.dim, (nh + 2 * nkv) * hs))  # (C, (nh+2nkv)·hs)
         self.w_o = nn.Parameter(torch.empty(nh * hs, config.dim))                  # (nh·hs = C, C)
+        # int8 copies made at load (model/quantization.py); None: the dense weights above only.
+        self.w_qkv_int8: Int8Weight | None = None
+        self.w_o_int8: Int8Weight | None = None
 
     def hf_weights(self) -> dict[str, Tensor]:
         """HF's (out, in) q_proj / k_proj / v_proj / o_proj weights, as views into ours."""
@@ -90,13 +97,17 @@ class Attention(nn.Module):
         `at` their slots and positions first."""
         B, T = cos.shape[:2]
         nh, nkv, hs = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = (x @ self.w_qkv).view(B, T, nh + 2 * nkv, hs)    # (B, T, nh+2nkv, hs)
+        q8 = self.w_qkv_int8
+        qkv = x @ self.w_qkv if q8 is None else int8_mm(x, self.w_qkv, q8)
+        qkv = qkv.view(B, T, nh + 2 * nkv, hs)                  # (B, T, nh+2nkv, hs)
         qk = qkv[:, :, : nh + nkv]                              # (B, T, nh+nkv, hs): q and k heads,
         qk.copy_(apply_rope(qk, cos, sin))                      # rotated together, in place
         q, kv = qkv.split_with_sizes([nh, 2 * nkv], dim=2)     # (B, T, nh, hs), (B, T, 2·nkv, hs)
         q = q.transpose(1, 2)                                   # (B, nh, T, hs)
         if cache is not None:
             k, v = cache.update(self.layer, at, kv)             # (B, nkv, S, hs) each
+            if k.dtype != q.dtype:                              # a KV cache in another dtype
+                k, v = k.to(q.dtype), v.to(q.dtype)
         else:
             k, v = kv.transpose(1, 2).chunk(2, dim=1)           # (B, nkv, T, hs) each
         if need_weights:
@@ -104,4 +115,6 @@ class Attention(nn.Module):
         else:
             out, weights = fast_attention(q, k, v, mask), None
         out = out.transpose(1, 2).reshape(B * T, nh * hs)      # (B·T, C): heads side by side again
+        if (o8 := self.w_o_int8) is not None:
+            return int8_mm(out, self.w_o, o8, residual), weights
         return torch.addmm(residual, out, self.w_o), weights    # residual + out @ w_o, one kernel

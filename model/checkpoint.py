@@ -14,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from model.config import ModelConfig
+from model.quantization import apply_weights, resolve_dtype
 from model.tokenizer import Tokenizer
 from model.transformer import Transformer
 
@@ -45,15 +46,23 @@ def save_checkpoint(model: Transformer, tokenizer: Tokenizer | None, directory: 
 
 
 def load_checkpoint(directory: str | Path, *, device: str | torch.device = "cpu",
-                    dtype: torch.dtype = torch.float32) -> tuple[Transformer, Tokenizer]:
+                    dtype: str | torch.dtype = torch.float32, quantization: str = "none",
+                    int8_max_rows: int | None = None) -> tuple[Transformer, Tokenizer]:
+    """The model in `dtype` ("auto", "float32", "bfloat16" or a torch dtype; float32 by default,
+    for exact comparisons) with `quantization` ("none" or "int8", weight-only, made here from the
+    checkpoint's float weights) — see model/quantization.py. int8_max_rows fixes the batch size up
+    to which the int8 kernel runs instead of measuring it."""
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise CheckpointError(f"{directory} is not a checkpoint directory: no config.json")
+    compute = resolve_dtype(dtype, device=device)
     config = ModelConfig.load(directory)
     model = Transformer(config)
     load_weights(model, directory)
     tokenizer = Tokenizer.from_dir(directory)
-    return model.to(device=device, dtype=dtype).eval(), tokenizer
+    model.to(device=device)
+    apply_weights(model, dtype=compute, quantization=quantization, int8_max_rows=int8_max_rows)
+    return model.eval(), tokenizer
 
 
 def load_weights(model: Transformer, directory: Path) -> None:

@@ -54,6 +54,7 @@ from model.events import (
 )
 from model.limits import Limits
 from model.logit_lens import position_lens, prompt_lens
+from model.quantization import resolve_kv_cache_dtype, weights_info
 from model.sampling import Sampled, SamplingBatch, sample
 from model.stops import StopMatcher
 from model.tokenizer import Tokenizer
@@ -101,13 +102,15 @@ class _Sequence:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, *, max_batch: int = 8,
-                 max_context: int | None = None, max_queue: int = 64, max_attention_floats: int | None = None):
+                 max_context: int | None = None, max_queue: int = 64, max_attention_floats: int | None = None,
+                 kv_cache_dtype: str | torch.dtype | None = "auto"):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.device = model.embed_tokens.weight.device
         self.max_batch, self.max_queue = max_batch, max_queue
         self.limits = Limits.of(model.config, max_context=max_context, max_attention_floats=max_attention_floats)
         self.max_context = self.limits.max_context
-        self.cache = model.new_cache(max_batch, self.max_context)
+        kv_dtype = resolve_kv_cache_dtype(kv_cache_dtype, model.embed_tokens.weight.dtype)
+        self.cache = model.new_cache(max_batch, self.max_context, dtype=kv_dtype)
         self._free = list(range(max_batch))          # a min-heap: low slots first keeps batches contiguous
         self._active: list[_Sequence] = []           # sorted by slot; touched by the stepping thread only
         self._waiting: deque[_Sequence] = deque()
@@ -166,6 +169,13 @@ class Engine:
     @property
     def num_waiting(self) -> int:
         return len(self._waiting)
+
+    @property
+    def weights_info(self) -> dict:
+        """JSON-able: the compute dtype, quantization, kernels per batch size and KV-cache dtype."""
+        info = weights_info(self.model)
+        info["kv_cache_dtype"] = str(self.cache.kv.dtype).removeprefix("torch.")
+        return info
 
     @property
     def kv_usage(self) -> float:

@@ -52,11 +52,12 @@ class KVCache(nn.Module):
         return CacheIndex(slots, rows, positions, kv_len)
 
     def update(self, layer: int, at: CacheIndex, kv: Tensor) -> tuple[Tensor, Tensor]:
-        """Write kv (B, T, 2·nkv, hs), the new keys then values, at `at.positions` of `at.slots`;
-        return the slots' cached keys and values for positions 0 … kv_len-1, each (B, nkv, S, hs)."""
+        """Write kv (B, T, 2·nkv, hs), the new keys then values, at `at.positions` of `at.slots`
+        (cast to the cache's dtype); return the slots' cached keys and values for positions
+        0 … kv_len-1, each (B, nkv, S, hs), in the cache's dtype."""
         cache = self._layers[layer]                                  # (max_batch, 2, nkv, C, hs)
         B, T = at.positions.shape
         # Advanced indices on dims 0 and 3 put the broadcast (B, T) first: (B, T, 2, nkv, hs).
-        cache[at.rows, :, :, at.positions] = kv.view(B, T, 2, -1, kv.shape[-1])
+        cache[at.rows, :, :, at.positions] = kv.view(B, T, 2, -1, kv.shape[-1]).to(cache.dtype)
         # A slice of slots is a view (no copy); an index tensor gathers its rows.
         return cache[at.slots, :, :, : at.kv_len].unbind(1)          # 2 × (B, nkv, S, hs)

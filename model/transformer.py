@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from model.attention import Attention
 from model.config import ModelConfig
 from model.kv_cache import CacheIndex, KVCache, Slots
+from model.quantization import Int8Weight, int8_mm
 from model.rope import rope_tables
 
 
@@ -31,12 +32,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        """weight · x / √(mean(x²) + eps), computed in float32 (as HF's LlamaRMSNorm)."""
-        if x.dtype == torch.float32:  # one fused op where no casts are needed
-            return torch.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        """weight · x / √(mean(x²) + eps), one fused op; for bf16 input it accumulates in float32
+        and rounds once (HF's LlamaRMSNorm rounds before the weight multiply: a last-bit difference)."""
+        return torch.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 class MLP(nn.Module):
@@ -47,6 +45,8 @@ class MLP(nn.Module):
         super().__init__()
         self.w_gate_up = nn.Parameter(torch.empty(config.dim, 2 * config.intermediate_size))  # (C, 2I)
         self.w_down = nn.Parameter(torch.empty(config.intermediate_size, config.dim))         # (I, C)
+        self.w_gate_up_int8: Int8Weight | None = None     # made at load (model/quantization.py)
+        self.w_down_int8: Int8Weight | None = None
 
     def hf_weights(self) -> dict[str, Tensor]:
         """HF's (out, in) gate_proj / up_proj / down_proj weights, as views into ours."""
@@ -55,6 +55,9 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor, *, residual: Tensor) -> Tensor:
         """x (N, C) → residual + mlp(x) (N, C)."""
+        if (q8 := self.w_gate_up_int8) is not None:
+            gate, up = int8_mm(x, self.w_gate_up, q8).chunk(2, dim=-1)   # (N, I) each
+            return int8_mm(F.silu(gate) * up, self.w_down, self.w_down_int8, residual)
         gate, up = (x @ self.w_gate_up).chunk(2, dim=-1)       # (N, I) each
         return torch.addmm(residual, F.silu(gate) * up, self.w_down)
 
@@ -98,6 +101,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.lm_head_int8: Int8Weight | None = None       # made at load (model/quantization.py)
         cos, sin = rope_tables(config.max_context, config.head_dim, config.rope_theta)
         # (P, 1, hs): a gather by positions (B, T) gives (B, T, 1, hs), ready to broadcast over heads.
         self.register_buffer("rope_cos", cos[:, None], persistent=False)
@@ -134,10 +138,12 @@ class Transformer(nn.Module):
             weights["lm_head.weight"] = self.lm_head.weight
         return weights
 
-    def new_cache(self, max_batch: int, max_context: int | None = None) -> KVCache:
+    def new_cache(self, max_batch: int, max_context: int | None = None, *,
+                  dtype: torch.dtype | None = None) -> KVCache:
+        """A KV cache in `dtype` (default: the compute dtype)."""
         c = self.config
         return KVCache(c.n_layers, max_batch, c.n_kv_heads, max_context or c.max_context, c.head_dim,
-                       dtype=self.embed_tokens.weight.dtype, device=self.embed_tokens.weight.device)
+                       dtype=dtype or self.embed_tokens.weight.dtype, device=self.embed_tokens.weight.device)
 
     def forward(self, tokens: Tensor, *, positions: Tensor | None = None,
                 cache: KVCache | None = None, slots: Slots | None = None,
@@ -196,7 +202,11 @@ class Transformer(nn.Module):
             x = x[:, logits_at].unsqueeze(1)
         elif logits_at is not None:
             x = x[torch.arange(x.shape[0], device=x.device), logits_at].unsqueeze(1)
-        return self.lm_head(self.norm(x))
+        x = self.norm(x)
+        if self.lm_head_int8 is not None:                       # (B, T, C) → (B·T, C) rows for the kernel
+            B, T, C = x.shape
+            return int8_mm(x.reshape(B * T, C), self.lm_head.weight.t(), self.lm_head_int8).view(B, T, -1).float()
+        return self.lm_head(x).float()                          # logits leave as float32 for sampling
 
     def logit_lens(self, hidden: Tensor) -> Tensor:
         """Residual-stream vectors (..., C) → lm_head(final_norm(·)) logits (..., V): what the model

@@ -62,6 +62,14 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1, le=64, description="inference worker processes (each its own engine)")
     api_servers: int | None = Field(None, ge=1, le=64, description="HTTP processes (default: workers)")
     device: Literal["cpu", "cuda"] = "cpu"
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "float32", description="compute dtype of weights and activations (as vLLM's --dtype); auto: "
+        "bfloat16 where the device computes it natively, else float32. float32 is the exact reference")
+    quantization: Literal["none", "int8"] = Field(
+        "none", description="int8: weight-only, per output channel, made at load (CPU only); the "
+        "int8 kernel serves small batches, a dense GEMM over the dequantised weights large ones")
+    kv_cache_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="KV-cache dtype (auto: the compute dtype)")
     transport: Literal["zmq", "mp"] = Field(
         "zmq", description="worker → HTTP transport: ZMQ (default) or LitServe's multiprocessing-manager queues")
     threads: int | None = Field(None, ge=1, description="torch threads per worker "

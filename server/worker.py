@@ -45,15 +45,19 @@ class EngineAPI(WorkerAPI):
     def load(self, device: str, worker_id: int) -> None:
         settings = self.settings
         torch.set_num_threads(settings.torch_threads)
+        # A spawned worker has no logging set up of its own: configure it as __main__ does, so the
+        # start-up lines (the kernel choice among them) reach the server's log.
+        logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
         served = {}
         for name, checkpoint in settings.models().items():
-            model, tokenizer = load_checkpoint(checkpoint, device=device)
+            model, tokenizer = load_checkpoint(checkpoint, device=device, dtype=settings.dtype,
+                                               quantization=settings.quantization)
             engine = Engine(model, tokenizer, max_batch=settings.max_batch, max_context=settings.max_context,
                             max_queue=settings.max_queue + settings.max_batch,
-                            max_attention_floats=settings.max_attention_floats)
+                            max_attention_floats=settings.max_attention_floats, kv_cache_dtype=settings.kv_cache_dtype)
             served[name] = Served(name, engine, Metrics(name, engine.max_context))
-            log.info("worker %d: %s from %s on %s, %d slots × %d context", worker_id, name, checkpoint, device,
-                     engine.max_batch, engine.max_context)
+            log.info("worker %d: %s from %s on %s, %d slots × %d context; weights: %s", worker_id, name, checkpoint,
+                     device, engine.max_batch, engine.max_context, engine.weights_info)
         self.runner = EngineRunner(served, settings)
         log.info("worker %d ready: %d model(s), %d threads", worker_id, len(served), settings.torch_threads)
 

@@ -13,9 +13,10 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 MEASUREMENTS = [
-    "decode b=1, shipped", "decode b=1, small", "decode b=1, bench",
+    "decode b=1, shipped, float32", "decode b=1, small, float32", "decode b=1, bench, float32",
+    "decode b=1, bench, bfloat16", "decode b=1, bench, int8", "int8 weight bytes/s vs the machine's read",
     "KV cache vs full recompute",
-    "16 concurrent vs 1", "32 concurrent vs llama-server",
+    "16 concurrent vs 1", "32 sequences vs HF static batch-32",
     "attention capture, all layers vs none (shipped)", "attention capture, all layers vs none (bench)",
     "capture off vs build without it, shipped b=1", "capture off vs build without it, shipped b=16",
     "logit lens, all layers vs none (shipped)", "logit lens, all layers vs none (bench)",

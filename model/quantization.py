@@ -1,0 +1,249 @@
+"""Weights at load: the compute dtype, int8 weight-only quantization, and the kernel per batch size.
+
+Checkpoints on disk stay float32 (or bf16) safetensors in HF's layout; everything here happens to a
+model already filled from them (model/checkpoint.py):
+
+    float32    the weights as trained; projections stored (in, out) and applied as x @ w, which
+               streams fastest for one token in f32 (bench/engine.py's kernel table).
+    bfloat16   every weight, activation and (by default) the KV cache in bf16; projections stored
+               (out, in) in memory (a transposed view keeps the (in, out) shape the code uses), the
+               layout oneDNN's bf16 GEMM reads without a copy. Norms and softmax accumulate in f32.
+    int8       weight-only, per output channel: w ≈ scale[o] · q[o, i], q in [-127, 127], for every
+               projection and the LM head (a tied head gets its own int8 copy; the embedding stays
+               dense). Rows up to `int8_max_rows` run `torch._weight_int8pack_mm` (int8 weights,
+               bf16 activations); larger batches run the dense GEMM of the compute dtype over the
+               *dequantised* weights, so both kernels compute the same function of the same numbers.
+               `int8_max_rows` is measured at load: the largest batch size for which the int8 kernel
+               beats the dense one over this model's own matrices.
+
+Attention probabilities returned to users are float32 whatever the compute dtype (see
+model/attention.py), and logits leave the model as float32 for sampling.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPE_CHOICES = ("auto", "float32", "bfloat16")
+QUANTIZATIONS = ("none", "int8")
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16")
+MEASURED_ROWS = (1, 2, 4, 8, 16, 32, 64)   # batch sizes the int8-vs-dense choice is timed at
+
+DtypeName = Literal["auto", "float32", "bfloat16"]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, d in DTYPES.items() if d == dtype)
+
+
+def cpu_has_native_bf16() -> bool | None:
+    """True where the CPU has bf16 instructions (AVX512_BF16 or AMX), False where it lacks them,
+    None where this OS does not say (no /proc/cpuinfo)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def resolve_dtype(dtype: str | torch.dtype, *, device: str | torch.device) -> torch.dtype:
+    """`auto` → bfloat16 where the device computes it natively (CUDA, a CPU with AVX512_BF16/AMX),
+    else float32. An explicit bfloat16 on a CPU without bf16 instructions runs, emulated and slower
+    than float32, with a warning saying so."""
+    device = torch.device(device)
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {dtype}")
+        dtype = dtype_name(dtype)
+    if dtype not in DTYPE_CHOICES:
+        raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {dtype!r}")
+    native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+    if dtype == "auto":
+        return torch.bfloat16 if native else torch.float32
+    if dtype == "bfloat16" and not native:
+        warnings.warn("dtype=bfloat16 on a CPU without bf16 instructions (no avx512_bf16/amx_bf16 in "
+                      "/proc/cpuinfo): PyTorch emulates it, slower than float32; use dtype=float32",
+                      RuntimeWarning, stacklevel=3)
+    return DTYPES[dtype]
+
+
+def resolve_kv_cache_dtype(kv_cache_dtype: str | torch.dtype | None, compute: torch.dtype) -> torch.dtype:
+    """`auto` (or None) → the compute dtype."""
+    if isinstance(kv_cache_dtype, torch.dtype):
+        return kv_cache_dtype
+    if kv_cache_dtype in (None, "auto"):
+        return compute
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {kv_cache_dtype!r}")
+    return DTYPES[kv_cache_dtype]
+
+
+@dataclass
+class KernelChoice:
+    """Shared by every int8 weight of a model: batches of up to `int8_max_rows` rows use the int8
+    kernel, larger ones the dense GEMM; `timings` holds what the choice was made from (ms per pass
+    over all matrices, by rows)."""
+
+    int8_max_rows: int = 0
+    timings: dict[int, tuple[float, float]] | None = None    # rows → (int8 ms, dense ms)
+
+
+class Int8Weight(nn.Module):
+    """One projection's int8 weights (out, in) and per-output-channel scales (out,), bf16."""
+
+    def __init__(self, weight: Tensor, scales: Tensor, choice: KernelChoice):
+        super().__init__()
+        self.register_buffer("weight", weight, persistent=False)      # (out, in) int8
+        self.register_buffer("scales", scales, persistent=False)      # (out,) bf16
+        self.choice = choice
+
+    def _apply(self, fn, recurse=True):  # model.to(dtype=...) must not change the kernel's bf16 scales
+        super()._apply(fn, recurse)
+        self.scales = self.scales.to(torch.bfloat16)
+        return self
+
+    @classmethod
+    def from_dense(cls, w_out_in: Tensor, choice: KernelChoice) -> Int8Weight:
+        """Symmetric per-output-channel quantization of an (out, in) float weight."""
+        w = w_out_in.float()
+        # The scale is rounded to bf16 (the kernel's) before quantising, so q fits the stored scale.
+        scales = (w.abs().amax(dim=1) / 127).clamp_min(1e-30).to(torch.bfloat16)      # (out,)
+        q = torch.round(w / scales.float()[:, None]).clamp_(-127, 127).to(torch.int8)  # (out, in)
+        return cls(q.contiguous(), scales, choice)
+
+    def dequantised(self, dtype: torch.dtype) -> Tensor:
+        """scale · q as (out, in) in `dtype`: the numbers the int8 kernel multiplies by."""
+        return (self.weight.float() * self.scales.float()[:, None]).to(dtype)
+
+    def mm(self, x: Tensor) -> Tensor:
+        """x (N, in) → x @ dequantised.T (N, out) on the int8 kernel (bf16 activations, output in
+        x's dtype)."""
+        if x.dtype == torch.bfloat16:       # (no .to() calls: each costs ~2 µs even as a no-op)
+            return torch._weight_int8pack_mm(x, self.weight, self.scales)
+        return torch._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scales).to(x.dtype)
+
+
+def int8_mm(x: Tensor, w: Tensor, q: Int8Weight, residual: Tensor | None = None) -> Tensor:
+    """x (N, in) @ w (in, out) [+ residual]: the int8 kernel for small N, else the dense GEMM over
+    `w`, which holds the dequantised weights in the compute dtype."""
+    if x.shape[0] <= q.choice.int8_max_rows:
+        y = q.mm(x)
+        return y if residual is None else y.add_(residual)
+    return x @ w if residual is None else torch.addmm(residual, x, w)
+
+
+# -- making a model's weights -------------------------------------------------------------------
+def _projections(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(module, parameter name) of every (in, out) projection matrix."""
+    out = []
+    for block in model.layers:
+        out += [(block.self_attn, "w_qkv"), (block.self_attn, "w_o"), (block.mlp, "w_gate_up"), (block.mlp, "w_down")]
+    return out
+
+
+def apply_weights(model: nn.Module, *, dtype: torch.dtype, quantization: str = "none",
+                  int8_max_rows: int | None = None) -> None:
+    """Turn a float32 model (filled from its checkpoint) into `dtype` with `quantization`, in place.
+    int8_max_rows: force the int8/dense boundary instead of measuring it (tests)."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    device = model.embed_tokens.weight.device
+    if quantization == "int8" and device.type != "cpu":
+        raise ValueError(f"quantization='int8' runs on the CPU only (torch._weight_int8pack_mm); on "
+                         f"{device.type} use quantization='none' with dtype='bfloat16'")
+    choice = KernelChoice()
+    with torch.no_grad():
+        if quantization == "int8":
+            # Quantise from the f32 weights, then make the dense copies the dequantised values.
+            for module, name in _projections(model):
+                w = getattr(module, name)                                            # (in, out)
+                q = Int8Weight.from_dense(w.t(), choice)
+                setattr(module, name + "_int8", q)
+                w.copy_(q.dequantised(torch.float32).t())
+            head = Int8Weight.from_dense(model.lm_head.weight, choice)              # (V, C)
+            if model.config.tie_embeddings:                     # the embedding keeps its own dense rows
+                model.lm_head.weight = nn.Parameter(head.dequantised(torch.float32))
+            else:
+                model.lm_head.weight.copy_(head.dequantised(torch.float32))
+            model.lm_head_int8 = head
+        model.to(dtype=dtype)
+        if dtype == torch.bfloat16:
+            for module, name in _projections(model):       # (out, in) in memory, (in, out) in shape
+                p = getattr(module, name)
+                p.data = p.data.t().contiguous().t()
+    model.weights_dtype, model.quantization = dtype, quantization
+    if quantization == "int8":
+        choice.int8_max_rows = int8_max_rows if int8_max_rows is not None else -1
+        if int8_max_rows is None:
+            choice.int8_max_rows, choice.timings = measure_int8_rows(model)
+    model.kernel_choice = choice
+
+
+@torch.inference_mode()
+def measure_int8_rows(model: nn.Module, *, reps: int = 7) -> tuple[int, dict[int, tuple[float, float]]]:
+    """Time one pass over every int8 matrix of the model, int8 kernel vs the dense GEMM, at each
+    batch size in MEASURED_ROWS; return the largest size below the first one where dense wins
+    (0: dense always), and the timings (medians, ms). The two run back to back `reps` times and
+    the median of the paired ratios decides: a burst of other load on a shared machine slows the
+    pair alike, or one of them in a single pair only."""
+    mats = [(getattr(m, n), getattr(m, n + "_int8")) for m, n in _projections(model)]
+    mats.append((model.lm_head.weight.t(), model.lm_head_int8))
+    dtype = model.weights_dtype
+    timings, best_rows = {}, 0
+    for rows in MEASURED_ROWS:
+        xs = [torch.randn(rows, w.shape[0], dtype=dtype) for w, _ in mats]
+        passes = {"int8": lambda xs=xs: [q.mm(x) for x, (_, q) in zip(xs, mats)],
+                  "dense": lambda xs=xs: [x @ w for x, (w, _) in zip(xs, mats)]}
+        seconds: dict[str, list[float]] = {name: [] for name in passes}
+        for rep in range(reps + 1):                     # the first round warms up
+            for name, fn in passes.items():
+                start = time.perf_counter()
+                fn()
+                if rep:
+                    seconds[name].append(time.perf_counter() - start)
+        ratio = statistics.median(a / b for a, b in zip(seconds["int8"], seconds["dense"]))
+        timings[rows] = tuple(statistics.median(seconds[name]) * 1e3 for name in passes)
+        if ratio >= 1:
+            break
+        best_rows = rows
+    return best_rows, timings
+
+
+def weights_info(model: nn.Module) -> dict:
+    """A JSON-able description of the model's weights and kernels (for logs and /v1/models)."""
+    dtype = dtype_name(getattr(model, "weights_dtype", torch.float32))
+    quantization = getattr(model, "quantization", "none")
+    dense = f"{dtype} GEMM, weights {'(in, out)' if dtype == 'float32' else '(out, in)'}"
+    info = {"dtype": dtype, "quantization": quantization, "weight_bytes_per_token": weight_bytes_per_token(model)}
+    if quantization == "int8":
+        rows = model.kernel_choice.int8_max_rows
+        info["kernels"] = {f"rows <= {rows}": "int8 _weight_int8pack_mm (bf16 activations)",
+                           f"rows > {rows}": dense + " (dequantised int8)"}
+        if model.kernel_choice.timings:
+            info["measured_ms"] = {str(r): {"int8": round(a, 3), "dense": round(b, 3)}
+                                   for r, (a, b) in model.kernel_choice.timings.items()}
+    else:
+        info["kernels"] = {"all rows": dense}
+    return info
+
+
+def weight_bytes_per_token(model: nn.Module, rows: int = 1) -> int:
+    """Bytes of weights one decode step at `rows` rows reads: every projection and the head, in
+    the kernel's format (int8 + scales, or the dense dtype), plus one embedding row."""
+    mats = [getattr(m, n) for m, n in _projections(model)] + [model.lm_head.weight]
+    int8 = getattr(model, "quantization", "none") == "int8" and rows <= model.kernel_choice.int8_max_rows
+    total = 0
+    for w in mats:
+        out = w.shape[1] if w is not model.lm_head.weight else w.shape[0]
+        total += w.numel() + 2 * out if int8 else w.numel() * w.element_size()
+    emb = model.embed_tokens.weight
+    return total + emb.shape[1] * emb.element_size()
