@@ -1,9 +1,13 @@
-// The attention viewer: stream a generation with every layer's and head's attention, then show,
-// for the chosen layer and head (or the mean over heads), one token's attention as a heatmap
-// over its context and the whole [query × key] matrix. All switching happens here, client-side.
-// Which row is which token's attention: see generation.js.
+// The attention viewer: stream a generation (Generate mode) or analyze a given text (Analyze mode)
+// with every layer's and head's attention, then show, for the chosen layer and head (or the mean
+// over heads), one token's attention as a heatmap over its context, the whole [query × key]
+// matrix, and the logit lens. All switching happens here, client-side. Which row is which
+// token's attention: see generation.js and analyze.js, which both answer the same questions.
 
+import { Analysis, analyzeRequest, postAnalyze } from "./analyze.js";
 import { Generation, pickHead } from "./generation.js";
+import { LENS_GRADIENT, SURPRISAL_GRADIENT, SURPRISAL_MAX, paintSurprisal, renderLens, renderScale } from "./lens.js";
+import { ModelPicker } from "./models.js";
 import {
   TABLE_MAX_ROWS, drawPattern, renderError, renderHeatmap, renderLegend, renderMatrix, tokenLabel, tokenName,
 } from "./render.js";
@@ -17,12 +21,14 @@ const ui = {
   tokens: $("tokens"), layer: $("layer"), head: $("head"), stretch: $("stretch"), legend: $("legend"),
   caption: $("heat-caption"), detail: $("heat-detail"), heatmap: $("heatmap"), matrix: $("matrix"),
   matrixCanvas: $("matrix-canvas"), heads: $("heads"), readout: $("readout"), attention: $("attention"),
-  empty: $("empty"),
+  empty: $("empty"), picker: $("model-picker"), examples: $("examples"), examplesWrap: $("examples-wrap"),
+  completion: $("completion"), lens: $("lens"), lensCard: $("lens-card"), lensTable: $("lens-table"),
+  promptLabel: $("prompt-label"), score: $("score"),
 };
 
 const P_DEFAULTS = { top_p: 0.9, min_p: 0.05, typical: 0.9 };
 
-let gen = new Generation();
+let view = new Generation(); // or an Analysis: what the page shows
 
 const state = {
   layer: 0,
@@ -30,6 +36,10 @@ const state = {
   selected: null, // the selected position
   preview: null, // the position under the pointer, shown instead of the selection
   chosenByUser: false,
+  mode: "generate", // or "analyze"
+  model: null, // the id of the model chosen in the picker
+  headChosen: false, // the user picked a layer or head since the model was chosen
+  focused: false, // the selection is the model's attention_focus: keep it while tokens stream
   controller: null, // AbortController of the running generation
   timer: 0, // a pending throttled render
   lastRender: 0,
@@ -43,6 +53,7 @@ function buildRequest() {
   if (strategy === "top_k") sampling.k = Number(ui.k.value);
   if (strategy in P_DEFAULTS) sampling.p = Number(ui.p.value);
   const request = {
+    ...(picker.current ? { model: picker.current.id } : {}),
     prompt: ui.prompt.value,
     max_tokens: Number(ui.maxTokens.value),
     sampling,
@@ -50,6 +61,7 @@ function buildRequest() {
     attention: { layers: "all", heads: "all", include_prompt: true },
   };
   if (ui.seed.value.trim() !== "") request.seed = Number(ui.seed.value);
+  if (ui.lens.checked) request.logit_lens = { layers: "all", top_k: 5, include_prompt: true };
   return request;
 }
 
@@ -62,10 +74,68 @@ function showSamplingFields() {
   if (strategy in P_DEFAULTS) ui.p.value = P_DEFAULTS[strategy];
 }
 
-// -- streaming -----------------------------------------------------------------------------------
-async function generate(event) {
+// -- streaming and analyzing -----------------------------------------------------------------------
+async function run(event) {
   event.preventDefault();
   if (state.controller) return;
+  if (!picker.loaded) await picker.load({ apiKey: ui.apiKey.value }); // refused without the key before
+  if (state.mode === "analyze") await analyze();
+  else await generate();
+}
+
+async function analyze() {
+  const completion = ui.completion.value;
+  const request = analyzeRequest({ model: picker.current?.id, prompt: ui.prompt.value, completion });
+  reset();
+  const controller = new AbortController();
+  state.controller = controller;
+  setRunning(true);
+  setStatus("Analyzing…");
+  try {
+    const response = await postAnalyze(request, { apiKey: ui.apiKey.value, signal: controller.signal });
+    view = new Analysis(response, { prompt: completion ? ui.prompt.value : null });
+    showModel();
+    fillSelectors();
+    view.tokens.forEach((_, pos) => addChip(pos));
+    state.selected = view.lastPromptPosition;
+    applyFocus(view.lastPromptPosition);
+    if (view.completionLogprob != null) {
+      const n = view.size - view.completionStart;
+      ui.score.textContent = `log p(completion | prompt) = ${view.completionLogprob.toFixed(4)} `
+        + `(p = ${percentOf(view.completionLogprob)}, ${n} token${n === 1 ? "" : "s"})`;
+      ui.score.dataset.logprob = String(view.completionLogprob);
+      ui.score.hidden = false;
+    }
+    render();
+    setStatus(`Analyzed ${response.usage.prompt_tokens} tokens in one forward pass.`);
+  } catch (err) {
+    if (err.name === "AbortError") setStatus("Stopped.");
+    else showError(err);
+  } finally {
+    state.controller = null;
+    setRunning(false);
+  }
+}
+
+/** For a model whose card names the head its probe found, open on it at the prompt's last token. */
+function applyFocus(promptLast) {
+  const focus = picker.current?.attention_focus;
+  if (!focus || state.headChosen || focus.layer >= view.layers || focus.head >= view.heads) return;
+  state.layer = focus.layer;
+  state.head = focus.head;
+  ui.layer.value = String(focus.layer);
+  ui.head.value = String(focus.head);
+  if (focus.position === "last") {
+    state.selected = promptLast;
+    state.focused = true;
+  }
+}
+
+function showModel() {
+  ui.model.textContent = `${view.model} · ${view.layers} layers × ${view.heads} heads`;
+}
+
+async function generate() {
   const request = buildRequest();
   reset();
   const controller = new AbortController();
@@ -79,7 +149,7 @@ async function generate(event) {
       else if (e.type === "done") onDone(e);
     }
   } catch (err) {
-    if (err.name === "AbortError") setStatus(`Stopped after ${gen.tokens.length} tokens.`);
+    if (err.name === "AbortError") setStatus(`Stopped after ${view.tokens.length} tokens.`);
     else showError(err);
   } finally {
     state.controller = null;
@@ -88,20 +158,22 @@ async function generate(event) {
 }
 
 function onStart(e) {
-  gen.start(e);
-  ui.model.textContent = `${gen.model} · ${gen.layers} layers × ${gen.heads} heads`;
+  view.start(e);
+  showModel();
   fillSelectors();
-  gen.prompt.forEach((_, pos) => addChip(pos));
-  state.selected = gen.prompt.length - 1;
-  setStatus(`Prompt: ${gen.prompt.length} tokens. Generating…`);
+  view.prompt.forEach((_, pos) => addChip(pos));
+  state.selected = view.prompt.length - 1;
+  applyFocus(view.prompt.length - 1);
+  setStatus(`Prompt: ${view.prompt.length} tokens. Generating…`);
   scheduleRender();
 }
 
 function onToken(e) {
-  const pos = gen.add(e);
+  const pos = view.add(e);
   addChip(pos, e.text === "" ? " (adds no text)" : "");
-  if (!state.chosenByUser && e.index === 0) state.selected = pos; // show the answer's first token
-  setStatus(`Generating… ${gen.tokens.length} tokens`);
+  // Show the answer's first token, unless the model's focus (the prompt's last token) is shown.
+  if (!state.chosenByUser && !state.focused && e.index === 0) state.selected = pos;
+  setStatus(`Generating… ${view.tokens.length} tokens`);
   scheduleRender();
 }
 
@@ -116,9 +188,10 @@ function onDone(e) {
 }
 
 function reset() {
-  gen = new Generation();
-  Object.assign(state, { selected: null, preview: null, chosenByUser: false });
+  view = new Generation();
+  Object.assign(state, { selected: null, preview: null, chosenByUser: false, focused: false });
   ui.tokens.replaceChildren();
+  ui.score.hidden = true;
   ui.error.hidden = true;
   ui.error.replaceChildren();
   render();
@@ -137,15 +210,15 @@ function setStatus(text) {
 function showError(err) {
   renderError(ui.error, err);
   ui.error.hidden = false;
-  setStatus(gen.tokens.length ? `Failed after ${gen.tokens.length} tokens.` : "Failed.");
+  setStatus(view.tokens.length ? `Failed after ${view.tokens.length} tokens.` : "Failed.");
 }
 
 // -- rendering -----------------------------------------------------------------------------------
 function addChip(pos, note = "") {
-  const token = gen.tokenAt(pos);
+  const token = view.tokenAt(pos);
   const chip = document.createElement("button");
   chip.type = "button";
-  chip.className = token.generated ? "tok generated" : "tok prompt";
+  chip.className = token.generated ? "tok generated" : token.completion ? "tok prompt completion" : "tok prompt";
   chip.dataset.pos = String(pos);
   chip.setAttribute("aria-pressed", "false");
   chip.title = `position ${pos} · id ${token.id} · ${tokenName(token.text)}${note}`;
@@ -154,6 +227,7 @@ function addChip(pos, note = "") {
   index.className = "tok-pos";
   index.textContent = pos;
   chip.append(tokenLabel(token.text), index);
+  if (view instanceof Analysis) paintSurprisal(chip, token);
   ui.tokens.append(chip);
 }
 
@@ -173,16 +247,17 @@ function scheduleRender() {
 function scaleMax(rows, layer, head) {
   if (!ui.stretch.checked || !rows) return 1;
   let max = 0;
-  const row = gen.rowOf(layer, head);
+  const row = view.rowOf(layer, head);
   for (let q = 0; q < rows; q++) for (const w of row(q)) max = Math.max(max, w);
   return max || 1;
 }
 
 function render() {
   state.lastRender = performance.now();
-  const rows = gen.rows;
+  const rows = view.rows;
   ui.attention.hidden = rows === 0;
   ui.empty.hidden = rows !== 0;
+  ui.lensCard.hidden = !view.lensRows;
   for (const chip of ui.tokens.children) {
     chip.setAttribute("aria-pressed", String(Number(chip.dataset.pos) === state.selected));
   }
@@ -190,9 +265,9 @@ function render() {
   const { layer, head } = state;
   const max = scaleMax(rows, layer, head);
   renderLegend(ui.legend, max);
-  const tokens = Array.from({ length: gen.size }, (_, pos) => gen.tokenAt(pos));
-  const selectedQuery = state.selected == null ? null : gen.queryOf(state.selected);
-  const rowOf = gen.rowOf(layer, head);
+  const tokens = Array.from({ length: view.size }, (_, pos) => view.tokenAt(pos));
+  const selectedQuery = state.selected == null ? null : view.queryOf(state.selected);
+  const rowOf = view.rowOf(layer, head);
   const asTable = rows <= TABLE_MAX_ROWS;
   ui.matrix.hidden = !asTable;
   ui.matrixCanvas.hidden = asTable;
@@ -207,35 +282,36 @@ function render() {
   }
   renderHeads(rows, max);
   renderSelection(max);
+  if (view.lensRows) renderLens(ui.lensTable, view, { selected: selectedQuery });
 }
 
 /** The heatmap and caption for the previewed (hovered) position, else the selected one. */
-function renderSelection(max = scaleMax(gen.rows, state.layer, state.head)) {
+function renderSelection(max = scaleMax(view.rows, state.layer, state.head)) {
   const pos = state.preview ?? state.selected;
-  const q = pos == null || pos >= gen.size ? null : gen.queryOf(pos);
+  const q = pos == null || pos >= view.size ? null : view.queryOf(pos);
   for (const tr of ui.matrix.tBodies[0]?.rows || []) {
     tr.classList.toggle("selected", Number(tr.dataset.query) === q);
   }
   if (!ui.matrixCanvas.hidden) {
-    drawPattern(ui.matrixCanvas, { rows: gen.rows, rowOf: gen.rowOf(state.layer, state.head), scaleMax: max,
+    drawPattern(ui.matrixCanvas, { rows: view.rows, rowOf: view.rowOf(state.layer, state.head), scaleMax: max,
       selectedQuery: q });
   }
   if (q == null) return;
-  const rows = gen.headRows(q, state.layer);
+  const rows = view.headRows(q, state.layer);
   if (!rows) {
     ui.heatmap.replaceChildren();
     return;
   }
-  const token = gen.tokenAt(pos);
-  const keys = Array.from({ length: q + 1 }, (_, k) => gen.tokenAt(k));
+  const token = view.tokenAt(pos);
+  const keys = Array.from({ length: q + 1 }, (_, k) => view.tokenAt(k));
   renderHeatmap(ui.heatmap, { keys, weights: pickHead(rows, state.head), layer: state.layer, head: state.head,
     query: q, scaleMax: max });
   ui.heatmap.dataset.pos = String(pos);
   ui.caption.replaceChildren(...(token.generated
-    ? ["Choosing ", chipOf(token), ` (position ${pos}): where the query at `, chipOf(gen.tokenAt(q)),
+    ? ["Choosing ", chipOf(token), ` (position ${pos}): where the query at `, chipOf(view.tokenAt(q)),
       ` (position ${q}) looked`]
     : ["Where ", chipOf(token), ` (position ${pos}) looks`]));
-  const headName = state.head === "mean" ? `mean of ${gen.heads} heads` : `head ${state.head}`;
+  const headName = state.head === "mean" ? `mean of ${view.heads} heads` : `head ${state.head}`;
   const detail = [`layer ${state.layer} · ${headName}`];
   if (token.generated && token.logprob != null) {
     detail.push(` · chosen with p = ${percent(token.logprob)}`);
@@ -247,6 +323,7 @@ function renderSelection(max = scaleMax(gen.rows, state.layer, state.head)) {
 }
 
 const percent = (logprob) => `${(100 * Math.exp(logprob)).toFixed(1)}%`;
+const percentOf = (logprob) => `${(100 * Math.exp(logprob)).toPrecision(3)}%`;
 
 function chipOf(token) {
   const span = document.createElement("span");
@@ -256,7 +333,7 @@ function chipOf(token) {
 }
 
 function renderHeads(rows, max) {
-  const choices = ["mean", ...Array.from({ length: gen.heads }, (_, h) => h)];
+  const choices = ["mean", ...Array.from({ length: view.heads }, (_, h) => h)];
   if (ui.heads.children.length !== choices.length) {
     ui.heads.replaceChildren(...choices.map((head) => {
       const button = document.createElement("button");
@@ -276,24 +353,24 @@ function renderHeads(rows, max) {
   for (const button of ui.heads.children) {
     const head = button.dataset.head === "mean" ? "mean" : Number(button.dataset.head);
     button.setAttribute("aria-pressed", String(head === state.head));
-    drawPattern(button.querySelector("canvas"), { rows, rowOf: gen.rowOf(state.layer, head), scaleMax: max,
+    drawPattern(button.querySelector("canvas"), { rows, rowOf: view.rowOf(state.layer, head), scaleMax: max,
       background: "#ffffff" });
   }
 }
 
 function fillSelectors() {
-  state.layer = Math.max(0, Math.min(state.layer, gen.layers - 1));
-  ui.layer.replaceChildren(...Array.from({ length: gen.layers }, (_, l) => new Option(`layer ${l}`, String(l))));
+  state.layer = Math.max(0, Math.min(state.layer, view.layers - 1));
+  ui.layer.replaceChildren(...Array.from({ length: view.layers }, (_, l) => new Option(`layer ${l}`, String(l))));
   ui.layer.value = String(state.layer);
-  if (state.head !== "mean" && state.head >= gen.heads) state.head = "mean";
+  if (state.head !== "mean" && state.head >= view.heads) state.head = "mean";
   ui.head.replaceChildren(new Option("mean of heads", "mean"),
-    ...Array.from({ length: gen.heads }, (_, h) => new Option(`head ${h}`, String(h))));
+    ...Array.from({ length: view.heads }, (_, h) => new Option(`head ${h}`, String(h))));
   ui.head.value = String(state.head);
 }
 
 // -- interaction ---------------------------------------------------------------------------------
 function select(pos, { focus = false } = {}) {
-  if (pos == null || pos < 0 || pos >= gen.size) return;
+  if (pos == null || pos < 0 || pos >= view.size) return;
   state.selected = pos;
   state.chosenByUser = true;
   state.preview = null;
@@ -303,11 +380,52 @@ function select(pos, { focus = false } = {}) {
 
 function setHead(head) {
   state.head = head;
+  state.headChosen = true;
   ui.head.value = String(head);
   render();
 }
 
-ui.form.addEventListener("submit", generate);
+// -- mode and model ------------------------------------------------------------------------------
+function setMode(mode) {
+  state.mode = mode;
+  document.querySelectorAll("[data-mode]").forEach((el) => {
+    el.hidden = el.dataset.mode !== mode;
+  });
+  ui.generate.textContent = mode === "analyze" ? "Analyze" : "Generate";
+  ui.promptLabel.textContent = mode === "analyze" ? "Text (or the prompt, with a completion below)" : "Prompt";
+}
+
+const promptsByModel = new Map(); // the prompt last typed for each model, restored on switching back
+
+const picker = new ModelPicker({
+  select: ui.picker,
+  examples: ui.examples,
+  onExample(example) {
+    ui.prompt.value = example.prompt;
+    ui.completion.value = state.mode === "analyze" ? example.completion : "";
+    ui.prompt.focus();
+  },
+  onChange(model) {
+    ui.examplesWrap.hidden = !model?.examples?.length;
+    if (!model || model.id === state.model) return;
+    if (state.model) promptsByModel.set(state.model, ui.prompt.value);
+    const first = model.examples?.[0];
+    const restored = promptsByModel.get(model.id) ?? first?.prompt;
+    if (state.model && restored != null) {
+      ui.prompt.value = restored;
+      ui.completion.value = "";
+    }
+    state.model = model.id;
+    state.headChosen = false;
+    if (!state.controller) reset();
+    ui.model.textContent = model.id;
+  },
+});
+
+ui.form.addEventListener("submit", run);
+ui.form.querySelectorAll('input[name="mode"]').forEach((radio) => {
+  radio.addEventListener("change", () => setMode(radio.value));
+});
 ui.stop.addEventListener("click", () => state.controller?.abort());
 ui.strategy.addEventListener("change", showSamplingFields);
 ui.prompt.addEventListener("keydown", (e) => {
@@ -315,6 +433,7 @@ ui.prompt.addEventListener("keydown", (e) => {
 });
 ui.layer.addEventListener("change", () => {
   state.layer = Number(ui.layer.value);
+  state.headChosen = true;
   render();
 });
 ui.head.addEventListener("change", () => setHead(ui.head.value === "mean" ? "mean" : Number(ui.head.value)));
@@ -332,7 +451,7 @@ ui.tokens.addEventListener("keydown", (e) => {
   const chip = e.target.closest(".tok");
   if (!chip) return;
   const pos = Number(chip.dataset.pos);
-  const moves = { ArrowLeft: pos - 1, ArrowRight: pos + 1, Home: 0, End: gen.size - 1 };
+  const moves = { ArrowLeft: pos - 1, ArrowRight: pos + 1, Home: 0, End: view.size - 1 };
   if (e.key in moves) {
     e.preventDefault();
     select(moves[e.key], { focus: true });
@@ -341,7 +460,7 @@ ui.tokens.addEventListener("keydown", (e) => {
 ui.tokens.addEventListener("pointerover", (e) => {
   const chip = e.target.closest(".tok");
   const pos = chip ? Number(chip.dataset.pos) : null;
-  if (pos !== state.preview && gen.rows) {
+  if (pos !== state.preview && view.rows) {
     state.preview = pos;
     renderSelection();
   }
@@ -354,11 +473,11 @@ ui.tokens.addEventListener("pointerleave", () => {
 });
 
 // A matrix row is a query: clicking it selects the token it chose (generated) or the prompt token.
-const selectRow = (q) => select(gen.positionOfRow(q));
+const selectRow = (q) => select(view.positionOfRow(q));
 
 function readout(q, k) {
-  const w = gen.rowOf(state.layer, state.head)(q)[k];
-  const name = (pos) => tokenName(gen.tokenAt(pos).text);
+  const w = view.rowOf(state.layer, state.head)(q)[k];
+  const name = (pos) => tokenName(view.tokenAt(pos).text);
   ui.readout.textContent = `query ${q} ${name(q)} → key ${k} ${name(k)}: ${w}`;
 }
 
@@ -373,7 +492,7 @@ ui.matrix.addEventListener("pointerover", (e) => {
 
 /** The (query, key) under the pointer on the canvas matrix, or null above the diagonal. */
 function canvasCell(e) {
-  const rows = gen.rows;
+  const rows = view.rows;
   const rect = ui.matrixCanvas.getBoundingClientRect();
   const q = Math.floor(((e.clientY - rect.top) / rect.height) * rows);
   const k = Math.floor(((e.clientX - rect.left) / rect.width) * rows);
@@ -388,5 +507,15 @@ ui.matrixCanvas.addEventListener("pointermove", (e) => {
   if (cell) readout(cell.q, cell.k);
 });
 
+ui.lensTable.addEventListener("click", (e) => {
+  const cell = e.target.closest("[data-pos]");
+  if (cell) selectRow(Number(cell.dataset.pos));
+});
+
+renderScale(document.getElementById("surprisal-legend"), SURPRISAL_GRADIENT, ["0", `${SURPRISAL_MAX / 2}`,
+  `${SURPRISAL_MAX}+`]);
+renderScale(document.getElementById("lens-legend"), LENS_GRADIENT, ["0", "50%", "100%"]);
+setMode(state.mode);
 showSamplingFields();
 render();
+picker.load();
