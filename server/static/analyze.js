@@ -37,6 +37,14 @@ export async function postAnalyze(request, { apiKey = "", signal } = {}) {
   return response.json();
 }
 
+/** "log p(completion | prompt) = …" for an Analysis that scored a completion. */
+export function scoreText(analysis) {
+  const n = analysis.size - analysis.completionStart;
+  const logprob = analysis.completionLogprob;
+  return `log p(completion | prompt) = ${logprob.toFixed(4)} `
+    + `(p = ${(100 * Math.exp(logprob)).toPrecision(3)}%, ${n} token${n === 1 ? "" : "s"})`;
+}
+
 export class Analysis {
   /** `response`: /v1/analyze's body; `prompt`: the prompt when a completion was scored, else null. */
   constructor(response, { prompt = null } = {}) {

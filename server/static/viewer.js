@@ -4,12 +4,14 @@
 // matrix, and the logit lens. All switching happens here, client-side. Which row is which
 // token's attention: see generation.js and analyze.js, which both answer the same questions.
 
-import { Analysis, analyzeRequest, postAnalyze } from "./analyze.js";
+import { Analysis, analyzeRequest, postAnalyze, scoreText } from "./analyze.js";
 import { Generation, pickHead } from "./generation.js";
 import { LENS_GRADIENT, SURPRISAL_GRADIENT, SURPRISAL_MAX, paintSurprisal, renderLens, renderScale } from "./lens.js";
 import { ModelPicker } from "./models.js";
+import { generateRequest, showMode, showSamplingFields } from "./form.js";
 import {
-  TABLE_MAX_ROWS, drawPattern, renderError, renderHeatmap, renderLegend, renderMatrix, tokenLabel, tokenName,
+  TABLE_MAX_ROWS, canvasCellAt, drawPattern, inlineToken, renderError, renderHeadThumbs, renderHeatmap,
+  renderLegend, renderMatrix, tokenLabel, tokenName,
 } from "./render.js";
 import { streamGenerate } from "./stream.js";
 
@@ -25,8 +27,6 @@ const ui = {
   completion: $("completion"), lens: $("lens"), lensCard: $("lens-card"), lensTable: $("lens-table"),
   promptLabel: $("prompt-label"), score: $("score"),
 };
-
-const P_DEFAULTS = { top_p: 0.9, min_p: 0.05, typical: 0.9 };
 
 let view = new Generation(); // or an Analysis: what the page shows
 
@@ -45,75 +45,55 @@ const state = {
   lastRender: 0,
 };
 
-// -- the request ---------------------------------------------------------------------------------
-function buildRequest() {
-  const strategy = ui.strategy.value;
-  const sampling = { strategy };
-  if (strategy !== "greedy") sampling.temperature = Number(ui.temperature.value);
-  if (strategy === "top_k") sampling.k = Number(ui.k.value);
-  if (strategy in P_DEFAULTS) sampling.p = Number(ui.p.value);
-  const request = {
-    ...(picker.current ? { model: picker.current.id } : {}),
-    prompt: ui.prompt.value,
-    max_tokens: Number(ui.maxTokens.value),
-    sampling,
-    logprobs: 5,
-    attention: { layers: "all", heads: "all", include_prompt: true },
-  };
-  if (ui.seed.value.trim() !== "") request.seed = Number(ui.seed.value);
-  if (ui.lens.checked) request.logit_lens = { layers: "all", top_k: 5, include_prompt: true };
-  return request;
-}
-
-function showSamplingFields() {
-  const strategy = ui.strategy.value;
-  document.querySelectorAll("[data-for]").forEach((el) => {
-    el.hidden = !el.dataset.for.split(" ").includes(strategy);
-  });
-  // The exact ranges ((0, 1] for top_p and typical, [0, 1) for min_p) are the server's to enforce.
-  if (strategy in P_DEFAULTS) ui.p.value = P_DEFAULTS[strategy];
-}
-
 // -- streaming and analyzing -----------------------------------------------------------------------
 async function run(event) {
   event.preventDefault();
   if (state.controller) return;
   if (!picker.loaded) await picker.load({ apiKey: ui.apiKey.value }); // refused without the key before
-  if (state.mode === "analyze") await analyze();
-  else await generate();
-}
-
-async function analyze() {
-  const completion = ui.completion.value;
-  const request = analyzeRequest({ model: picker.current?.id, prompt: ui.prompt.value, completion });
+  const analyzing = state.mode === "analyze";
+  const request = analyzing
+    ? analyzeRequest({ model: picker.current?.id, prompt: ui.prompt.value, completion: ui.completion.value })
+    : generateRequest(ui, { model: picker.current?.id });
   reset();
   const controller = new AbortController();
   state.controller = controller;
   setRunning(true);
-  setStatus("Analyzing…");
   try {
-    const response = await postAnalyze(request, { apiKey: ui.apiKey.value, signal: controller.signal });
-    view = new Analysis(response, { prompt: completion ? ui.prompt.value : null });
-    showModel();
-    fillSelectors();
-    view.tokens.forEach((_, pos) => addChip(pos));
-    state.selected = view.lastPromptPosition;
-    applyFocus(view.lastPromptPosition);
-    if (view.completionLogprob != null) {
-      const n = view.size - view.completionStart;
-      ui.score.textContent = `log p(completion | prompt) = ${view.completionLogprob.toFixed(4)} `
-        + `(p = ${percentOf(view.completionLogprob)}, ${n} token${n === 1 ? "" : "s"})`;
-      ui.score.dataset.logprob = String(view.completionLogprob);
-      ui.score.hidden = false;
-    }
-    render();
-    setStatus(`Analyzed ${response.usage.prompt_tokens} tokens in one forward pass.`);
+    if (analyzing) await analyze(request, controller.signal);
+    else await generate(request, controller.signal);
   } catch (err) {
-    if (err.name === "AbortError") setStatus("Stopped.");
+    if (err.name === "AbortError") setStatus(analyzing ? "Stopped." : `Stopped after ${view.tokens.length} tokens.`);
     else showError(err);
   } finally {
     state.controller = null;
     setRunning(false);
+  }
+}
+
+async function analyze(request, signal) {
+  setStatus("Analyzing…");
+  const response = await postAnalyze(request, { apiKey: ui.apiKey.value, signal });
+  view = new Analysis(response, { prompt: request.completion ? request.prompt : null });
+  showModel();
+  fillSelectors();
+  view.tokens.forEach((_, pos) => addChip(pos));
+  state.selected = view.lastPromptPosition;
+  applyFocus(view.lastPromptPosition);
+  ui.score.hidden = view.completionLogprob == null;
+  if (!ui.score.hidden) {
+    ui.score.textContent = scoreText(view);
+    ui.score.dataset.logprob = String(view.completionLogprob);
+  }
+  render();
+  setStatus(`Analyzed ${response.usage.prompt_tokens} tokens in one forward pass.`);
+}
+
+async function generate(request, signal) {
+  setStatus("Sending…");
+  for await (const e of streamGenerate(request, { apiKey: ui.apiKey.value, signal })) {
+    if (e.type === "start") onStart(e);
+    else if (e.type === "token") onToken(e);
+    else if (e.type === "done") onDone(e);
   }
 }
 
@@ -133,28 +113,6 @@ function applyFocus(promptLast) {
 
 function showModel() {
   ui.model.textContent = `${view.model} · ${view.layers} layers × ${view.heads} heads`;
-}
-
-async function generate() {
-  const request = buildRequest();
-  reset();
-  const controller = new AbortController();
-  state.controller = controller;
-  setRunning(true);
-  setStatus("Sending…");
-  try {
-    for await (const e of streamGenerate(request, { apiKey: ui.apiKey.value, signal: controller.signal })) {
-      if (e.type === "start") onStart(e);
-      else if (e.type === "token") onToken(e);
-      else if (e.type === "done") onDone(e);
-    }
-  } catch (err) {
-    if (err.name === "AbortError") setStatus(`Stopped after ${view.tokens.length} tokens.`);
-    else showError(err);
-  } finally {
-    state.controller = null;
-    setRunning(false);
-  }
 }
 
 function onStart(e) {
@@ -280,7 +238,8 @@ function render() {
     ui.matrixCanvas.width = ui.matrixCanvas.height = size;
     ui.matrixCanvas.style.width = ui.matrixCanvas.style.height = `${size}px`; // drawn by renderSelection
   }
-  renderHeads(rows, max);
+  renderHeadThumbs(ui.heads, { heads: view.heads, chosen: state.head, rows, scaleMax: max,
+    rowOf: (head) => view.rowOf(state.layer, head) });
   renderSelection(max);
   if (view.lensRows) renderLens(ui.lensTable, view, { selected: selectedQuery });
 }
@@ -308,55 +267,21 @@ function renderSelection(max = scaleMax(view.rows, state.layer, state.head)) {
     query: q, scaleMax: max });
   ui.heatmap.dataset.pos = String(pos);
   ui.caption.replaceChildren(...(token.generated
-    ? ["Choosing ", chipOf(token), ` (position ${pos}): where the query at `, chipOf(view.tokenAt(q)),
+    ? ["Choosing ", inlineToken(token), ` (position ${pos}): where the query at `, inlineToken(view.tokenAt(q)),
       ` (position ${q}) looked`]
-    : ["Where ", chipOf(token), ` (position ${pos}) looks`]));
+    : ["Where ", inlineToken(token), ` (position ${pos}) looks`]));
   const headName = state.head === "mean" ? `mean of ${view.heads} heads` : `head ${state.head}`;
   const detail = [`layer ${state.layer} · ${headName}`];
   if (token.generated && token.logprob != null) {
     detail.push(` · chosen with p = ${percent(token.logprob)}`);
     const others = (token.top_logprobs || []).filter((t) => t.id !== token.id).slice(0, 3);
     if (others.length) detail.push(" · runners-up:");
-    for (const t of others) detail.push(" ", chipOf(t), ` ${percent(t.logprob)}`);
+    for (const t of others) detail.push(" ", inlineToken(t), ` ${percent(t.logprob)}`);
   }
   ui.detail.replaceChildren(...detail);
 }
 
 const percent = (logprob) => `${(100 * Math.exp(logprob)).toFixed(1)}%`;
-const percentOf = (logprob) => `${(100 * Math.exp(logprob)).toPrecision(3)}%`;
-
-function chipOf(token) {
-  const span = document.createElement("span");
-  span.className = token.generated ? "inline-tok generated" : "inline-tok";
-  span.append(tokenLabel(token.text));
-  return span;
-}
-
-function renderHeads(rows, max) {
-  const choices = ["mean", ...Array.from({ length: view.heads }, (_, h) => h)];
-  if (ui.heads.children.length !== choices.length) {
-    ui.heads.replaceChildren(...choices.map((head) => {
-      const button = document.createElement("button");
-      button.type = "button";
-      button.className = "head-thumb";
-      button.dataset.head = String(head);
-      const canvas = document.createElement("canvas");
-      canvas.width = canvas.height = 84;
-      canvas.setAttribute("aria-hidden", "true");
-      const label = document.createElement("span");
-      label.textContent = head === "mean" ? "mean" : `head ${head}`;
-      button.append(canvas, label);
-      button.setAttribute("aria-label", `show ${head === "mean" ? "the mean over heads" : `head ${head}`}`);
-      return button;
-    }));
-  }
-  for (const button of ui.heads.children) {
-    const head = button.dataset.head === "mean" ? "mean" : Number(button.dataset.head);
-    button.setAttribute("aria-pressed", String(head === state.head));
-    drawPattern(button.querySelector("canvas"), { rows, rowOf: view.rowOf(state.layer, head), scaleMax: max,
-      background: "#ffffff" });
-  }
-}
 
 function fillSelectors() {
   state.layer = Math.max(0, Math.min(state.layer, view.layers - 1));
@@ -386,15 +311,6 @@ function setHead(head) {
 }
 
 // -- mode and model ------------------------------------------------------------------------------
-function setMode(mode) {
-  state.mode = mode;
-  document.querySelectorAll("[data-mode]").forEach((el) => {
-    el.hidden = el.dataset.mode !== mode;
-  });
-  ui.generate.textContent = mode === "analyze" ? "Analyze" : "Generate";
-  ui.promptLabel.textContent = mode === "analyze" ? "Text (or the prompt, with a completion below)" : "Prompt";
-}
-
 const promptsByModel = new Map(); // the prompt last typed for each model, restored on switching back
 
 const picker = new ModelPicker({
@@ -424,10 +340,13 @@ const picker = new ModelPicker({
 
 ui.form.addEventListener("submit", run);
 ui.form.querySelectorAll('input[name="mode"]').forEach((radio) => {
-  radio.addEventListener("change", () => setMode(radio.value));
+  radio.addEventListener("change", () => {
+    state.mode = radio.value;
+    showMode(ui, state.mode);
+  });
 });
 ui.stop.addEventListener("click", () => state.controller?.abort());
-ui.strategy.addEventListener("change", showSamplingFields);
+ui.strategy.addEventListener("change", () => showSamplingFields(ui));
 ui.prompt.addEventListener("keydown", (e) => {
   if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) ui.form.requestSubmit();
 });
@@ -490,20 +409,12 @@ ui.matrix.addEventListener("pointerover", (e) => {
   if (td) readout(Number(td.dataset.query), Number(td.dataset.key));
 });
 
-/** The (query, key) under the pointer on the canvas matrix, or null above the diagonal. */
-function canvasCell(e) {
-  const rows = view.rows;
-  const rect = ui.matrixCanvas.getBoundingClientRect();
-  const q = Math.floor(((e.clientY - rect.top) / rect.height) * rows);
-  const k = Math.floor(((e.clientX - rect.left) / rect.width) * rows);
-  return q >= 0 && q < rows && k >= 0 && k <= q ? { q, k } : null;
-}
 ui.matrixCanvas.addEventListener("click", (e) => {
-  const cell = canvasCell(e);
+  const cell = canvasCellAt(ui.matrixCanvas, view.rows, e);
   if (cell) selectRow(cell.q);
 });
 ui.matrixCanvas.addEventListener("pointermove", (e) => {
-  const cell = canvasCell(e);
+  const cell = canvasCellAt(ui.matrixCanvas, view.rows, e);
   if (cell) readout(cell.q, cell.k);
 });
 
@@ -515,7 +426,7 @@ ui.lensTable.addEventListener("click", (e) => {
 renderScale(document.getElementById("surprisal-legend"), SURPRISAL_GRADIENT, ["0", `${SURPRISAL_MAX / 2}`,
   `${SURPRISAL_MAX}+`]);
 renderScale(document.getElementById("lens-legend"), LENS_GRADIENT, ["0", "50%", "100%"]);
-setMode(state.mode);
-showSamplingFields();
+showMode(ui, state.mode);
+showSamplingFields(ui);
 render();
 picker.load();
