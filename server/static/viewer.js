@@ -272,6 +272,10 @@ function renderSelection(max = scaleMax(view.rows, state.layer, state.head)) {
     : ["Where ", inlineToken(token), ` (position ${pos}) looks`]));
   const headName = state.head === "mean" ? `mean of ${view.heads} heads` : `head ${state.head}`;
   const detail = [`layer ${state.layer} · ${headName}`];
+  const focus = picker.current?.attention_focus;
+  if (focus && focus.layer === state.layer && focus.head === state.head) {
+    detail.push(" · the head this model's card names (its attention probe's best)");
+  }
   if (token.generated && token.logprob != null) {
     detail.push(` · chosen with p = ${percent(token.logprob)}`);
     const others = (token.top_logprobs || []).filter((t) => t.id !== token.id).slice(0, 3);
