@@ -17,7 +17,14 @@ import requests
 
 from tests.serving import running_server
 from tests.viewer.browser import (
-    CHROMIUM, PLAYWRIGHT_MISSING, SKIP_REASON, TIMEOUT_MS, cells, check_cells, row, visible,
+    CHROMIUM,
+    PLAYWRIGHT_MISSING,
+    SKIP_REASON,
+    TIMEOUT_MS,
+    cells,
+    check_cells,
+    row,
+    visible,
 )
 
 pytestmark = pytest.mark.slow
