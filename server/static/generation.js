@@ -11,6 +11,7 @@ export class Generation {
     this.model = "";
     this.prompt = []; // [{id, text}]
     this.promptAttention = null; // [layer][head][query][key]
+    this.promptLens = null; // [layer][query][k] {id, text, prob}, when the lens was asked for
     this.tokens = []; // token events: {index, id, text, logprob, top_logprobs, attention: [layer][head][key]}
     this.layers = 0;
     this.heads = 0;
@@ -21,6 +22,7 @@ export class Generation {
     this.model = event.model;
     this.prompt = event.prompt_tokens;
     this.promptAttention = event.prompt_attention || null;
+    this.promptLens = event.prompt_logit_lens || null;
     if (this.promptAttention) {
       this.layers = this.promptAttention.length;
       this.heads = this.promptAttention[0].length;
@@ -72,6 +74,26 @@ export class Generation {
     }
     const token = this.tokens[q - n + 1];
     return token && token.attention ? token.attention[layer] : null;
+  }
+
+  /** The lens's layers (every layer: the page asks for "all"), or [] when it was not asked for. */
+  get lensLayers() {
+    return this.promptLens ? this.promptLens.map((_, l) => l) : [];
+  }
+
+  /** How many query rows have a lens: the same rows as the attention matrix. */
+  get lensRows() {
+    return this.promptLens ? this.prompt.length + Math.max(0, this.tokens.length - 1) : 0;
+  }
+
+  /**
+   * [layer][k] {id, text, prob} at query q: the prompt's own row, or the step that chose the next
+   * token (its token event's logit_lens), as for attention.
+   */
+  lensAt(q) {
+    const n = this.prompt.length;
+    if (q < n - 1 || (q === n - 1 && !this.tokens.length)) return this.promptLens.map((rows) => rows[q]);
+    return this.tokens[q - n + 1].logit_lens;
   }
 
   /** q → the weights of query q for one head (or "mean") of a layer. */

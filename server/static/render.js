@@ -198,6 +198,51 @@ export function drawPattern(canvas, { rows, rowOf, scaleMax, selectedQuery = nul
   }
 }
 
+/** A token inline in a caption: its label in a small chip (amber when generated). */
+export function inlineToken(token) {
+  const span = document.createElement("span");
+  span.className = token.generated ? "inline-tok generated" : "inline-tok";
+  span.append(tokenLabel(token.text));
+  return span;
+}
+
+/**
+ * The per-head thumbnails of one layer ("mean" first), each a button with its pattern drawn;
+ * `rowOf(head)`: q → that head's weights; `chosen`: the head shown (pressed).
+ */
+export function renderHeadThumbs(container, { heads, chosen, rows, rowOf, scaleMax }) {
+  const choices = ["mean", ...Array.from({ length: heads }, (_, h) => h)];
+  if (container.children.length !== choices.length) {
+    container.replaceChildren(...choices.map((head) => {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "head-thumb";
+      button.dataset.head = String(head);
+      const canvas = document.createElement("canvas");
+      canvas.width = canvas.height = 84;
+      canvas.setAttribute("aria-hidden", "true");
+      const label = document.createElement("span");
+      label.textContent = head === "mean" ? "mean" : `head ${head}`;
+      button.append(canvas, label);
+      button.setAttribute("aria-label", `show ${head === "mean" ? "the mean over heads" : `head ${head}`}`);
+      return button;
+    }));
+  }
+  for (const button of container.children) {
+    const head = button.dataset.head === "mean" ? "mean" : Number(button.dataset.head);
+    button.setAttribute("aria-pressed", String(head === chosen));
+    drawPattern(button.querySelector("canvas"), { rows, rowOf: rowOf(head), scaleMax, background: "#ffffff" });
+  }
+}
+
+/** The (query, key) under the pointer on a canvas-drawn matrix of `rows`, or null above the diagonal. */
+export function canvasCellAt(canvas, rows, e) {
+  const rect = canvas.getBoundingClientRect();
+  const q = Math.floor(((e.clientY - rect.top) / rect.height) * rows);
+  const k = Math.floor(((e.clientX - rect.left) / rect.width) * rows);
+  return q >= 0 && q < rows && k >= 0 && k <= q ? { q, k } : null;
+}
+
 /** The colour legend: the gradient from 0 to `max` with three ticks. */
 export function renderLegend(el, max) {
   el.querySelector(".legend-bar").style.background = GRADIENT;

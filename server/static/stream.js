@@ -67,13 +67,13 @@ function parseLine(line) {
   }
 }
 
-function networkError(err, what) {
+export function networkError(err, what) {
   if (err && err.name === "AbortError") return err;
   return new ApiError(0, "network_error", `${what}: ${err && err.message ? err.message : err}`);
 }
 
 /** The error a non-2xx response describes: API.md's {"error": {...}}, FastAPI's 422 detail, or text. */
-async function errorFromResponse(response) {
+export async function errorFromResponse(response) {
   const status = response.status;
   const text = await response.text().catch(() => "");
   const retryAfter = response.headers.get("Retry-After");

@@ -1,11 +1,17 @@
-// The attention viewer: stream a generation with every layer's and head's attention, then show,
-// for the chosen layer and head (or the mean over heads), one token's attention as a heatmap
-// over its context and the whole [query × key] matrix. All switching happens here, client-side.
-// Which row is which token's attention: see generation.js.
+// The attention viewer: stream a generation (Generate mode) or analyze a given text (Analyze mode)
+// with every layer's and head's attention, then show, for the chosen layer and head (or the mean
+// over heads), one token's attention as a heatmap over its context, the whole [query × key]
+// matrix, and the logit lens. All switching happens here, client-side. Which row is which
+// token's attention: see generation.js and analyze.js, which both answer the same questions.
 
+import { Analysis, analyzeRequest, postAnalyze, scoreText } from "./analyze.js";
 import { Generation, pickHead } from "./generation.js";
+import { LENS_GRADIENT, SURPRISAL_GRADIENT, SURPRISAL_MAX, paintSurprisal, renderLens, renderScale } from "./lens.js";
+import { ModelPicker } from "./models.js";
+import { generateRequest, showMode, showSamplingFields } from "./form.js";
 import {
-  TABLE_MAX_ROWS, drawPattern, renderError, renderHeatmap, renderLegend, renderMatrix, tokenLabel, tokenName,
+  TABLE_MAX_ROWS, canvasCellAt, drawPattern, inlineToken, renderError, renderHeadThumbs, renderHeatmap,
+  renderLegend, renderMatrix, tokenLabel, tokenName,
 } from "./render.js";
 import { streamGenerate } from "./stream.js";
 
@@ -17,12 +23,12 @@ const ui = {
   tokens: $("tokens"), layer: $("layer"), head: $("head"), stretch: $("stretch"), legend: $("legend"),
   caption: $("heat-caption"), detail: $("heat-detail"), heatmap: $("heatmap"), matrix: $("matrix"),
   matrixCanvas: $("matrix-canvas"), heads: $("heads"), readout: $("readout"), attention: $("attention"),
-  empty: $("empty"),
+  empty: $("empty"), picker: $("model-picker"), examples: $("examples"), examplesWrap: $("examples-wrap"),
+  completion: $("completion"), lens: $("lens"), lensCard: $("lens-card"), lensTable: $("lens-table"),
+  promptLabel: $("prompt-label"), score: $("score"),
 };
 
-const P_DEFAULTS = { top_p: 0.9, min_p: 0.05, typical: 0.9 };
-
-let gen = new Generation();
+let view = new Generation(); // or an Analysis: what the page shows
 
 const state = {
   layer: 0,
@@ -30,56 +36,33 @@ const state = {
   selected: null, // the selected position
   preview: null, // the position under the pointer, shown instead of the selection
   chosenByUser: false,
+  mode: "generate", // or "analyze"
+  model: null, // the id of the model chosen in the picker
+  headChosen: false, // the user picked a layer or head since the model was chosen
+  focused: false, // the selection is the model's attention_focus: keep it while tokens stream
   controller: null, // AbortController of the running generation
   timer: 0, // a pending throttled render
   lastRender: 0,
 };
 
-// -- the request ---------------------------------------------------------------------------------
-function buildRequest() {
-  const strategy = ui.strategy.value;
-  const sampling = { strategy };
-  if (strategy !== "greedy") sampling.temperature = Number(ui.temperature.value);
-  if (strategy === "top_k") sampling.k = Number(ui.k.value);
-  if (strategy in P_DEFAULTS) sampling.p = Number(ui.p.value);
-  const request = {
-    prompt: ui.prompt.value,
-    max_tokens: Number(ui.maxTokens.value),
-    sampling,
-    logprobs: 5,
-    attention: { layers: "all", heads: "all", include_prompt: true },
-  };
-  if (ui.seed.value.trim() !== "") request.seed = Number(ui.seed.value);
-  return request;
-}
-
-function showSamplingFields() {
-  const strategy = ui.strategy.value;
-  document.querySelectorAll("[data-for]").forEach((el) => {
-    el.hidden = !el.dataset.for.split(" ").includes(strategy);
-  });
-  // The exact ranges ((0, 1] for top_p and typical, [0, 1) for min_p) are the server's to enforce.
-  if (strategy in P_DEFAULTS) ui.p.value = P_DEFAULTS[strategy];
-}
-
-// -- streaming -----------------------------------------------------------------------------------
-async function generate(event) {
+// -- streaming and analyzing -----------------------------------------------------------------------
+async function run(event) {
   event.preventDefault();
   if (state.controller) return;
-  const request = buildRequest();
+  if (!picker.loaded) await picker.load({ apiKey: ui.apiKey.value }); // refused without the key before
+  const analyzing = state.mode === "analyze";
+  const request = analyzing
+    ? analyzeRequest({ model: picker.current?.id, prompt: ui.prompt.value, completion: ui.completion.value })
+    : generateRequest(ui, { model: picker.current?.id });
   reset();
   const controller = new AbortController();
   state.controller = controller;
   setRunning(true);
-  setStatus("Sending…");
   try {
-    for await (const e of streamGenerate(request, { apiKey: ui.apiKey.value, signal: controller.signal })) {
-      if (e.type === "start") onStart(e);
-      else if (e.type === "token") onToken(e);
-      else if (e.type === "done") onDone(e);
-    }
+    if (analyzing) await analyze(request, controller.signal);
+    else await generate(request, controller.signal);
   } catch (err) {
-    if (err.name === "AbortError") setStatus(`Stopped after ${gen.tokens.length} tokens.`);
+    if (err.name === "AbortError") setStatus(analyzing ? "Stopped." : `Stopped after ${view.tokens.length} tokens.`);
     else showError(err);
   } finally {
     state.controller = null;
@@ -87,21 +70,68 @@ async function generate(event) {
   }
 }
 
-function onStart(e) {
-  gen.start(e);
-  ui.model.textContent = `${gen.model} · ${gen.layers} layers × ${gen.heads} heads`;
+async function analyze(request, signal) {
+  setStatus("Analyzing…");
+  const response = await postAnalyze(request, { apiKey: ui.apiKey.value, signal });
+  view = new Analysis(response, { prompt: request.completion ? request.prompt : null });
+  showModel();
   fillSelectors();
-  gen.prompt.forEach((_, pos) => addChip(pos));
-  state.selected = gen.prompt.length - 1;
-  setStatus(`Prompt: ${gen.prompt.length} tokens. Generating…`);
+  view.tokens.forEach((_, pos) => addChip(pos));
+  state.selected = view.lastPromptPosition;
+  applyFocus(view.lastPromptPosition);
+  ui.score.hidden = view.completionLogprob == null;
+  if (!ui.score.hidden) {
+    ui.score.textContent = scoreText(view);
+    ui.score.dataset.logprob = String(view.completionLogprob);
+  }
+  render();
+  setStatus(`Analyzed ${response.usage.prompt_tokens} tokens in one forward pass.`);
+}
+
+async function generate(request, signal) {
+  setStatus("Sending…");
+  for await (const e of streamGenerate(request, { apiKey: ui.apiKey.value, signal })) {
+    if (e.type === "start") onStart(e);
+    else if (e.type === "token") onToken(e);
+    else if (e.type === "done") onDone(e);
+  }
+}
+
+/** For a model whose card names the head its probe found, open on it at the prompt's last token. */
+function applyFocus(promptLast) {
+  const focus = picker.current?.attention_focus;
+  if (!focus || state.headChosen || focus.layer >= view.layers || focus.head >= view.heads) return;
+  state.layer = focus.layer;
+  state.head = focus.head;
+  ui.layer.value = String(focus.layer);
+  ui.head.value = String(focus.head);
+  if (focus.position === "last") {
+    state.selected = promptLast;
+    state.focused = true;
+  }
+}
+
+function showModel() {
+  ui.model.textContent = `${view.model} · ${view.layers} layers × ${view.heads} heads`;
+}
+
+function onStart(e) {
+  view.start(e);
+  showModel();
+  fillSelectors();
+  view.prompt.forEach((_, pos) => addChip(pos));
+  state.selected = view.prompt.length - 1;
+  applyFocus(view.prompt.length - 1);
+  setStatus(`Prompt: ${view.prompt.length} tokens. Generating…`);
   scheduleRender();
 }
 
 function onToken(e) {
-  const pos = gen.add(e);
+  const pos = view.add(e);
   addChip(pos, e.text === "" ? " (adds no text)" : "");
-  if (!state.chosenByUser && e.index === 0) state.selected = pos; // show the answer's first token
-  setStatus(`Generating… ${gen.tokens.length} tokens`);
+  // Show the answer's first token, unless the model's focus (the prompt's last token) is shown.
+  if (!state.chosenByUser && !state.focused && e.index === 0) state.selected = pos;
+  setStatus(`Generating… ${view.tokens.length} tokens`);
   scheduleRender();
 }
 
@@ -116,9 +146,10 @@ function onDone(e) {
 }
 
 function reset() {
-  gen = new Generation();
-  Object.assign(state, { selected: null, preview: null, chosenByUser: false });
+  view = new Generation();
+  Object.assign(state, { selected: null, preview: null, chosenByUser: false, focused: false });
   ui.tokens.replaceChildren();
+  ui.score.hidden = true;
   ui.error.hidden = true;
   ui.error.replaceChildren();
   render();
@@ -137,15 +168,15 @@ function setStatus(text) {
 function showError(err) {
   renderError(ui.error, err);
   ui.error.hidden = false;
-  setStatus(gen.tokens.length ? `Failed after ${gen.tokens.length} tokens.` : "Failed.");
+  setStatus(view.tokens.length ? `Failed after ${view.tokens.length} tokens.` : "Failed.");
 }
 
 // -- rendering -----------------------------------------------------------------------------------
 function addChip(pos, note = "") {
-  const token = gen.tokenAt(pos);
+  const token = view.tokenAt(pos);
   const chip = document.createElement("button");
   chip.type = "button";
-  chip.className = token.generated ? "tok generated" : "tok prompt";
+  chip.className = token.generated ? "tok generated" : token.completion ? "tok prompt completion" : "tok prompt";
   chip.dataset.pos = String(pos);
   chip.setAttribute("aria-pressed", "false");
   chip.title = `position ${pos} · id ${token.id} · ${tokenName(token.text)}${note}`;
@@ -154,6 +185,7 @@ function addChip(pos, note = "") {
   index.className = "tok-pos";
   index.textContent = pos;
   chip.append(tokenLabel(token.text), index);
+  if (view instanceof Analysis) paintSurprisal(chip, token);
   ui.tokens.append(chip);
 }
 
@@ -173,16 +205,17 @@ function scheduleRender() {
 function scaleMax(rows, layer, head) {
   if (!ui.stretch.checked || !rows) return 1;
   let max = 0;
-  const row = gen.rowOf(layer, head);
+  const row = view.rowOf(layer, head);
   for (let q = 0; q < rows; q++) for (const w of row(q)) max = Math.max(max, w);
   return max || 1;
 }
 
 function render() {
   state.lastRender = performance.now();
-  const rows = gen.rows;
+  const rows = view.rows;
   ui.attention.hidden = rows === 0;
   ui.empty.hidden = rows !== 0;
+  ui.lensCard.hidden = !view.lensRows;
   for (const chip of ui.tokens.children) {
     chip.setAttribute("aria-pressed", String(Number(chip.dataset.pos) === state.selected));
   }
@@ -190,9 +223,9 @@ function render() {
   const { layer, head } = state;
   const max = scaleMax(rows, layer, head);
   renderLegend(ui.legend, max);
-  const tokens = Array.from({ length: gen.size }, (_, pos) => gen.tokenAt(pos));
-  const selectedQuery = state.selected == null ? null : gen.queryOf(state.selected);
-  const rowOf = gen.rowOf(layer, head);
+  const tokens = Array.from({ length: view.size }, (_, pos) => view.tokenAt(pos));
+  const selectedQuery = state.selected == null ? null : view.queryOf(state.selected);
+  const rowOf = view.rowOf(layer, head);
   const asTable = rows <= TABLE_MAX_ROWS;
   ui.matrix.hidden = !asTable;
   ui.matrixCanvas.hidden = asTable;
@@ -205,95 +238,68 @@ function render() {
     ui.matrixCanvas.width = ui.matrixCanvas.height = size;
     ui.matrixCanvas.style.width = ui.matrixCanvas.style.height = `${size}px`; // drawn by renderSelection
   }
-  renderHeads(rows, max);
+  renderHeadThumbs(ui.heads, { heads: view.heads, chosen: state.head, rows, scaleMax: max,
+    rowOf: (head) => view.rowOf(state.layer, head) });
   renderSelection(max);
+  if (view.lensRows) renderLens(ui.lensTable, view, { selected: selectedQuery });
 }
 
 /** The heatmap and caption for the previewed (hovered) position, else the selected one. */
-function renderSelection(max = scaleMax(gen.rows, state.layer, state.head)) {
+function renderSelection(max = scaleMax(view.rows, state.layer, state.head)) {
   const pos = state.preview ?? state.selected;
-  const q = pos == null || pos >= gen.size ? null : gen.queryOf(pos);
+  const q = pos == null || pos >= view.size ? null : view.queryOf(pos);
   for (const tr of ui.matrix.tBodies[0]?.rows || []) {
     tr.classList.toggle("selected", Number(tr.dataset.query) === q);
   }
   if (!ui.matrixCanvas.hidden) {
-    drawPattern(ui.matrixCanvas, { rows: gen.rows, rowOf: gen.rowOf(state.layer, state.head), scaleMax: max,
+    drawPattern(ui.matrixCanvas, { rows: view.rows, rowOf: view.rowOf(state.layer, state.head), scaleMax: max,
       selectedQuery: q });
   }
   if (q == null) return;
-  const rows = gen.headRows(q, state.layer);
+  const rows = view.headRows(q, state.layer);
   if (!rows) {
     ui.heatmap.replaceChildren();
     return;
   }
-  const token = gen.tokenAt(pos);
-  const keys = Array.from({ length: q + 1 }, (_, k) => gen.tokenAt(k));
+  const token = view.tokenAt(pos);
+  const keys = Array.from({ length: q + 1 }, (_, k) => view.tokenAt(k));
   renderHeatmap(ui.heatmap, { keys, weights: pickHead(rows, state.head), layer: state.layer, head: state.head,
     query: q, scaleMax: max });
   ui.heatmap.dataset.pos = String(pos);
   ui.caption.replaceChildren(...(token.generated
-    ? ["Choosing ", chipOf(token), ` (position ${pos}): where the query at `, chipOf(gen.tokenAt(q)),
+    ? ["Choosing ", inlineToken(token), ` (position ${pos}): where the query at `, inlineToken(view.tokenAt(q)),
       ` (position ${q}) looked`]
-    : ["Where ", chipOf(token), ` (position ${pos}) looks`]));
-  const headName = state.head === "mean" ? `mean of ${gen.heads} heads` : `head ${state.head}`;
+    : ["Where ", inlineToken(token), ` (position ${pos}) looks`]));
+  const headName = state.head === "mean" ? `mean of ${view.heads} heads` : `head ${state.head}`;
   const detail = [`layer ${state.layer} · ${headName}`];
+  const focus = picker.current?.attention_focus;
+  if (focus && focus.layer === state.layer && focus.head === state.head) {
+    detail.push(" · the head this model's card names (its attention probe's best)");
+  }
   if (token.generated && token.logprob != null) {
     detail.push(` · chosen with p = ${percent(token.logprob)}`);
     const others = (token.top_logprobs || []).filter((t) => t.id !== token.id).slice(0, 3);
     if (others.length) detail.push(" · runners-up:");
-    for (const t of others) detail.push(" ", chipOf(t), ` ${percent(t.logprob)}`);
+    for (const t of others) detail.push(" ", inlineToken(t), ` ${percent(t.logprob)}`);
   }
   ui.detail.replaceChildren(...detail);
 }
 
 const percent = (logprob) => `${(100 * Math.exp(logprob)).toFixed(1)}%`;
 
-function chipOf(token) {
-  const span = document.createElement("span");
-  span.className = token.generated ? "inline-tok generated" : "inline-tok";
-  span.append(tokenLabel(token.text));
-  return span;
-}
-
-function renderHeads(rows, max) {
-  const choices = ["mean", ...Array.from({ length: gen.heads }, (_, h) => h)];
-  if (ui.heads.children.length !== choices.length) {
-    ui.heads.replaceChildren(...choices.map((head) => {
-      const button = document.createElement("button");
-      button.type = "button";
-      button.className = "head-thumb";
-      button.dataset.head = String(head);
-      const canvas = document.createElement("canvas");
-      canvas.width = canvas.height = 84;
-      canvas.setAttribute("aria-hidden", "true");
-      const label = document.createElement("span");
-      label.textContent = head === "mean" ? "mean" : `head ${head}`;
-      button.append(canvas, label);
-      button.setAttribute("aria-label", `show ${head === "mean" ? "the mean over heads" : `head ${head}`}`);
-      return button;
-    }));
-  }
-  for (const button of ui.heads.children) {
-    const head = button.dataset.head === "mean" ? "mean" : Number(button.dataset.head);
-    button.setAttribute("aria-pressed", String(head === state.head));
-    drawPattern(button.querySelector("canvas"), { rows, rowOf: gen.rowOf(state.layer, head), scaleMax: max,
-      background: "#ffffff" });
-  }
-}
-
 function fillSelectors() {
-  state.layer = Math.max(0, Math.min(state.layer, gen.layers - 1));
-  ui.layer.replaceChildren(...Array.from({ length: gen.layers }, (_, l) => new Option(`layer ${l}`, String(l))));
+  state.layer = Math.max(0, Math.min(state.layer, view.layers - 1));
+  ui.layer.replaceChildren(...Array.from({ length: view.layers }, (_, l) => new Option(`layer ${l}`, String(l))));
   ui.layer.value = String(state.layer);
-  if (state.head !== "mean" && state.head >= gen.heads) state.head = "mean";
+  if (state.head !== "mean" && state.head >= view.heads) state.head = "mean";
   ui.head.replaceChildren(new Option("mean of heads", "mean"),
-    ...Array.from({ length: gen.heads }, (_, h) => new Option(`head ${h}`, String(h))));
+    ...Array.from({ length: view.heads }, (_, h) => new Option(`head ${h}`, String(h))));
   ui.head.value = String(state.head);
 }
 
 // -- interaction ---------------------------------------------------------------------------------
 function select(pos, { focus = false } = {}) {
-  if (pos == null || pos < 0 || pos >= gen.size) return;
+  if (pos == null || pos < 0 || pos >= view.size) return;
   state.selected = pos;
   state.chosenByUser = true;
   state.preview = null;
@@ -303,18 +309,54 @@ function select(pos, { focus = false } = {}) {
 
 function setHead(head) {
   state.head = head;
+  state.headChosen = true;
   ui.head.value = String(head);
   render();
 }
 
-ui.form.addEventListener("submit", generate);
+// -- mode and model ------------------------------------------------------------------------------
+const promptsByModel = new Map(); // the prompt last typed for each model, restored on switching back
+
+const picker = new ModelPicker({
+  select: ui.picker,
+  examples: ui.examples,
+  onExample(example) {
+    ui.prompt.value = example.prompt;
+    ui.completion.value = state.mode === "analyze" ? example.completion : "";
+    ui.prompt.focus();
+  },
+  onChange(model) {
+    ui.examplesWrap.hidden = !model?.examples?.length;
+    if (!model || model.id === state.model) return;
+    if (state.model) promptsByModel.set(state.model, ui.prompt.value);
+    const first = model.examples?.[0];
+    const restored = promptsByModel.get(model.id) ?? first?.prompt;
+    if (state.model && restored != null) {
+      ui.prompt.value = restored;
+      ui.completion.value = "";
+    }
+    state.model = model.id;
+    state.headChosen = false;
+    if (!state.controller) reset();
+    ui.model.textContent = model.id;
+  },
+});
+
+ui.form.addEventListener("submit", run);
+ui.form.querySelectorAll('input[name="mode"]').forEach((radio) => {
+  radio.addEventListener("change", () => {
+    state.mode = radio.value;
+    showMode(ui, state.mode);
+  });
+});
 ui.stop.addEventListener("click", () => state.controller?.abort());
-ui.strategy.addEventListener("change", showSamplingFields);
+ui.strategy.addEventListener("change", () => showSamplingFields(ui));
 ui.prompt.addEventListener("keydown", (e) => {
   if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) ui.form.requestSubmit();
 });
 ui.layer.addEventListener("change", () => {
   state.layer = Number(ui.layer.value);
+  state.headChosen = true;
   render();
 });
 ui.head.addEventListener("change", () => setHead(ui.head.value === "mean" ? "mean" : Number(ui.head.value)));
@@ -332,7 +374,7 @@ ui.tokens.addEventListener("keydown", (e) => {
   const chip = e.target.closest(".tok");
   if (!chip) return;
   const pos = Number(chip.dataset.pos);
-  const moves = { ArrowLeft: pos - 1, ArrowRight: pos + 1, Home: 0, End: gen.size - 1 };
+  const moves = { ArrowLeft: pos - 1, ArrowRight: pos + 1, Home: 0, End: view.size - 1 };
   if (e.key in moves) {
     e.preventDefault();
     select(moves[e.key], { focus: true });
@@ -341,7 +383,7 @@ ui.tokens.addEventListener("keydown", (e) => {
 ui.tokens.addEventListener("pointerover", (e) => {
   const chip = e.target.closest(".tok");
   const pos = chip ? Number(chip.dataset.pos) : null;
-  if (pos !== state.preview && gen.rows) {
+  if (pos !== state.preview && view.rows) {
     state.preview = pos;
     renderSelection();
   }
@@ -354,11 +396,11 @@ ui.tokens.addEventListener("pointerleave", () => {
 });
 
 // A matrix row is a query: clicking it selects the token it chose (generated) or the prompt token.
-const selectRow = (q) => select(gen.positionOfRow(q));
+const selectRow = (q) => select(view.positionOfRow(q));
 
 function readout(q, k) {
-  const w = gen.rowOf(state.layer, state.head)(q)[k];
-  const name = (pos) => tokenName(gen.tokenAt(pos).text);
+  const w = view.rowOf(state.layer, state.head)(q)[k];
+  const name = (pos) => tokenName(view.tokenAt(pos).text);
   ui.readout.textContent = `query ${q} ${name(q)} → key ${k} ${name(k)}: ${w}`;
 }
 
@@ -371,22 +413,24 @@ ui.matrix.addEventListener("pointerover", (e) => {
   if (td) readout(Number(td.dataset.query), Number(td.dataset.key));
 });
 
-/** The (query, key) under the pointer on the canvas matrix, or null above the diagonal. */
-function canvasCell(e) {
-  const rows = gen.rows;
-  const rect = ui.matrixCanvas.getBoundingClientRect();
-  const q = Math.floor(((e.clientY - rect.top) / rect.height) * rows);
-  const k = Math.floor(((e.clientX - rect.left) / rect.width) * rows);
-  return q >= 0 && q < rows && k >= 0 && k <= q ? { q, k } : null;
-}
 ui.matrixCanvas.addEventListener("click", (e) => {
-  const cell = canvasCell(e);
+  const cell = canvasCellAt(ui.matrixCanvas, view.rows, e);
   if (cell) selectRow(cell.q);
 });
 ui.matrixCanvas.addEventListener("pointermove", (e) => {
-  const cell = canvasCell(e);
+  const cell = canvasCellAt(ui.matrixCanvas, view.rows, e);
   if (cell) readout(cell.q, cell.k);
 });
 
-showSamplingFields();
+ui.lensTable.addEventListener("click", (e) => {
+  const cell = e.target.closest("[data-pos]");
+  if (cell) selectRow(Number(cell.dataset.pos));
+});
+
+renderScale(document.getElementById("surprisal-legend"), SURPRISAL_GRADIENT, ["0", `${SURPRISAL_MAX / 2}`,
+  `${SURPRISAL_MAX}+`]);
+renderScale(document.getElementById("lens-legend"), LENS_GRADIENT, ["0", "50%", "100%"]);
+showMode(ui, state.mode);
+showSamplingFields(ui);
 render();
+picker.load();

@@ -11,51 +11,32 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 import requests
 
 from tests.serving import running_server
+from tests.viewer.browser import (
+    CHROMIUM,
+    PLAYWRIGHT_MISSING,
+    SKIP_REASON,
+    TIMEOUT_MS,
+    cells,
+    check_cells,
+    row,
+    visible,
+)
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = Path(os.environ.get("ATTNSERVE_CHROMIUM", "/usr/bin/chromium"))
-# Skipped at collection, so that no server starts for nothing.
-if not CHROMIUM.exists():
-    pytest.skip(f"no Chromium at {CHROMIUM}: install Debian's (apt-get install -y chromium) to run the "
-                "viewer's browser tests", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="Python Playwright is not installed "
-                               "(pip install -e '.[dev]')")
+if not CHROMIUM.exists():  # skipped at collection, so that no server starts for nothing
+    pytest.skip(SKIP_REASON, allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason=PLAYWRIGHT_MISSING)
 expect = sync_api.expect
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run"]
 PROMPT = "two plus three equals"
 ATTENTION = {"layers": "all", "heads": "all", "include_prompt": True}
 KEY = "viewer-key"
-TIMEOUT_MS = 20_000
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
-
-
-@pytest.fixture
-def page(browser):
-    """A fresh page that records every request it makes and every script error it hits."""
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    page.requested, page.script_errors = [], []
-    page.on("request", lambda r: page.requested.append(r.url))
-    page.on("pageerror", lambda e: page.script_errors.append(str(e)))
-    yield page
-    context.close()
-    assert not page.script_errors, f"the page raised: {page.script_errors}"
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +45,6 @@ def guarded(tmp_path_factory):
     with running_server(tmp_path_factory.mktemp("viewer-guarded"), "--api-key", KEY, "--max-context", "8",
                         "--max-batch", "2") as srv:
         yield srv
-
-
-def visible(text: str) -> str:
-    return text.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥") or "∅"
 
 
 def shown(token: dict) -> str:
@@ -83,30 +60,6 @@ def generate(page, prompt: str = PROMPT, *, max_tokens: int = 8, key: str | None
     if key is not None:
         page.fill("#api-key", key)
     page.click("#generate")
-
-
-def cells(page, selector: str) -> list[dict]:
-    """data-weight/layer/head/query/key of every rendered weight cell under `selector`."""
-    return page.locator(f"{selector} [data-weight]").evaluate_all(
-        "els => els.map(e => ({...e.dataset}))")
-
-
-def check_cells(found: list[dict], expected: dict[tuple[int, int], float], layer: int, head) -> None:
-    """Each rendered cell shows exactly the API's weight for its (query, key); none is missing."""
-    assert {(int(c["query"]), int(c["key"])) for c in found} == set(expected)
-    for c in found:
-        assert (c["layer"], c["head"]) == (str(layer), str(head))
-        want = expected[int(c["query"]), int(c["key"])]
-        if head == "mean":  # averaged in the page: same order of additions, so equal up to rounding
-            assert float(c["weight"]) == pytest.approx(want, rel=1e-12, abs=1e-15), c
-        else:
-            assert float(c["weight"]) == want, c
-
-
-def row(heads: list[list[float]], head) -> list[float]:
-    if head == "mean":
-        return [sum(h[k] for h in heads) / len(heads) for k in range(len(heads[0]))]
-    return heads[head]
 
 
 def test_generate_select_token_and_layer_head(server, page, tmp_path):
