@@ -189,7 +189,8 @@ def add_routes(app: FastAPI, models: Models, bridge: Bridge, auth, *, ready) -> 
 
     @app.get("/v1/models", response_model=ModelList, dependencies=guarded)
     async def model_list() -> ModelList:
-        return ModelList(data=[service.model_card() for service in models])
+        loaded = bridge.links.loaded()
+        return ModelList(data=[service.model_card(loaded.get(service.model_name)) for service in models])
 
     @app.post("/v1/tokenize", response_model=TokenizeResponse, dependencies=guarded, responses=ERRORS)
     async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:

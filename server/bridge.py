@@ -57,6 +57,7 @@ log = logging.getLogger("attnserve.bridge")
 INTERNAL_PATH = "/internal/generate"   # LitServe's route for the worker API; not on the public app
 LIVENESS_CHECK_SECONDS = 1.0           # how often a waiting stream checks that its worker is alive
 FLUSH = "flush"                        # the no-op request a restarted worker feeds a stale get()
+LOADED_BYTES = 1 << 16                 # room for the workers' account of what they loaded
 Send = Callable[[str], None]           # one message: NDJSON lines, each ending in a newline
 
 
@@ -69,6 +70,18 @@ class Links:
         self.cancel_readers, self.cancel_writers = zip(*(spawn.Pipe(duplex=False) for _ in range(workers)))
         self.pids = spawn.Array("i", workers, lock=False)      # one writer each; readers poll
         self.in_flight = spawn.Value("i", 0)
+        self._loaded = spawn.Array("c", LOADED_BYTES)          # what the first worker loaded, as JSON
+
+    def publish_loaded(self, loaded: dict) -> None:
+        """In a worker: say what it loaded (per model: dtype, quantization, kernels), for /v1/models."""
+        data = json.dumps(loaded).encode()
+        if len(data) < LOADED_BYTES:
+            self._loaded.value = data
+
+    def loaded(self) -> dict:
+        """What the workers loaded, per model; {} until the first is ready."""
+        data = self._loaded.value
+        return json.loads(data) if data else {}
 
 
 # -- the worker's side --------------------------------------------------------------------------

@@ -103,12 +103,12 @@ class Service:
         """Hand a request for this model to a worker (see `Bridge.open`)."""
         return await bridge.open(request, model=self.model_name, metrics=self.metrics)
 
-    def model_card(self) -> ModelCard:
-        """This model's entry in /v1/models."""
+    def model_card(self, weights: dict | None = None) -> ModelCard:
+        """This model's entry in /v1/models (`weights`: what the workers loaded it as)."""
         best = self.card.get("metrics", {}).get("attention_probe", {}).get("best_head")
         focus = {"layer": best["layer"], "head": best["head"]} if best else None
         return ModelCard(id=self.model_name, max_context=self.max_context, examples=self.card.get("examples"),
-                         attention_focus=focus)
+                         attention_focus=focus, weights=weights)
 
     def prompt_ids(self, body: GenerateRequest | CompletionRequest | ChatCompletionRequest) -> list[int]:
         """The body's prompt as token ids (a chat's messages rendered by the chat template)."""

@@ -59,6 +59,8 @@ class EngineAPI(WorkerAPI):
             log.info("worker %d: %s from %s on %s, %d slots × %d context; weights: %s", worker_id, name, checkpoint,
                      device, engine.max_batch, engine.max_context, engine.weights_info)
         self.runner = EngineRunner(served, settings)
+        if worker_id == 0:
+            self.links.publish_loaded({name: m.engine.weights_info for name, m in served.items()})
         log.info("worker %d ready: %d model(s), %d threads", worker_id, len(served), settings.torch_threads)
 
     def accept(self, model: str, request: GenerationRequest | AnalysisRequest, send: Send) -> None:

@@ -71,6 +71,9 @@ class ModelCard(_OmitNone):
     owned_by: str = "attnserve"
     max_context: int
     examples: list[Example] | None = Field(None, description="Extension: example prompts from the model card.")
+    weights: dict[str, Any] | None = Field(None, description=(
+        "Extension: how the workers hold the weights (dtype, quantization, the kernel per batch size, "
+        "KV-cache dtype); absent until a worker has loaded."))
     attention_focus: AttentionFocus | None = Field(None, description=(
         "Extension: the head the model card's attention probe found doing the task (the viewer opens on it)."))
 

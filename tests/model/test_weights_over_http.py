@@ -36,7 +36,10 @@ def test_setting_loads_serves_and_streams(flags, tmp_path):
         assert events[1]["text"] == " five" and events[-1]["finish_reason"] == "stop"
         row = events[1]["attention"][0][0]                                     # layer 0, mean head
         assert abs(sum(row) - 1) < 1e-3
+        (card,) = requests.get(server.url + "/v1/models", timeout=10).json()["data"]
         logs = server.logs()
+    # /v1/models says the same as the log: how the worker holds the weights and which kernels it chose.
+    assert card["weights"]["quantization"] == ("int8" if "int8" in flags else "none") and card["weights"]["kernels"]
     dtype = flags[flags.index("--dtype") + 1]
     assert "weights: {" in logs
     info = logs[logs.index("weights: {"):].splitlines()[0]
