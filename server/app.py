@@ -24,6 +24,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
+from model.events import AnalysisRequest, GenerationRequest
 from server import metrics as prom
 from server import native
 from server.bridge import INTERNAL_PATH, AttnServer, Bridge, EventStream, Links, use_zmq
@@ -45,7 +46,6 @@ from server.schemas import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from model.events import AnalysisRequest, GenerationRequest
 from server.service import Models, Service
 from server.settings import Settings
 from server.worker import EngineAPI

@@ -40,7 +40,7 @@ def eval_correct() -> int:
     model, tokenizer = load_checkpoint(CHECKPOINT)
     by_text = {p.prompt: p for p in calculator_split()[2]}
     problems: list[Problem] = [by_text[d["prompt"]] for d in docs()]
-    accuracy, wrong = held_out_accuracy(model, tokenizer, problems)
+    _, wrong = held_out_accuracy(model, tokenizer, problems)
     return len(problems) - len(wrong)
 
 

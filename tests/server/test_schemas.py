@@ -239,10 +239,9 @@ def test_bad_completion_request_names_the_field(change, field):
 
 
 def test_completion_prompts_in_openais_four_forms():
-    forms = {"x": ["x"], ("a", "b"): ["a", "b"], (1, 2): [[1, 2]], ((1, 2), (3,)): [[1, 2], [3]]}
-    for given, prompts in forms.items():
-        value = given if isinstance(given, str) else [list(p) if isinstance(p, tuple) else p for p in given]
-        assert CompletionRequest(prompt=value).prompts() == prompts
+    forms = [("x", ["x"]), (["a", "b"], ["a", "b"]), ([1, 2], [[1, 2]]), ([[1, 2], [3]], [[1, 2], [3]])]
+    for prompt, prompts in forms:
+        assert CompletionRequest(prompt=prompt).prompts() == prompts
     assert "needs echo=true" in error_text(CompletionRequest, {"prompt": "x", "max_tokens": 0})
     scoring = CompletionRequest(prompt="x", max_tokens=0, echo=True, logprobs=1, prompt_logprobs=3)
     assert scoring.prompt_logprobs_wanted() == 3
