@@ -153,7 +153,8 @@ class OpenAIFormatter:
                 offsets, at = [], 0
                 for t in tokens:
                     offsets.append(at)
-                    at += 0 if self.is_special(t["id"]) else len(t["text"])
+                    special = self.is_special(t["id"]) and not self.echo.startswith(t["text"], at)
+                    at += 0 if special else len(t["text"])         # BOS has no text in the echo, unless sent
                 lps = [None if t["logprob"] is None else _lp(t["logprob"]) for t in tokens]
                 out["logprobs"] = {"tokens": [t["text"] for t in tokens], "token_logprobs": lps,
                                    "text_offset": offsets}

@@ -82,7 +82,7 @@ class Service:
         vocab = self.tokenizer.vocab_size
         for i, prompt in enumerate(body.prompts()):
             if isinstance(prompt, str):
-                ids, text = self.encode(prompt), prompt
+                ids, text = self._completion_ids(prompt), prompt
             else:
                 if bad := [t for t in prompt if not 0 <= t < vocab][:5]:
                     name = f"prompt[{i}]" if isinstance(body.prompt[0], list) else "prompt"
@@ -117,6 +117,14 @@ class Service:
             ids=ids, logprobs=body.logprobs, completion_start=completion_start,
             attention=AttentionSpec(**attention.spec_kwargs()) if attention is not None else None,
             lens=LensSpec(**body.logit_lens.spec_kwargs()) if body.logit_lens is not None else None))
+
+    def _completion_ids(self, prompt: str) -> list[int]:
+        """A text prompt's ids: BOS, then the text. A text that starts with the BOS token's own text
+        (what a harness sends when it decodes token ids that began with BOS) reads it as that BOS."""
+        bos = self.chat_template.bos_token
+        if bos and prompt.startswith(bos):
+            return [self.tokenizer.bos_id, *self.tokenizer.encode(prompt[len(bos):], add_bos=False)]
+        return self.encode(prompt)
 
     def _checked(self, request: GenerationRequest | AnalysisRequest):
         try:

@@ -138,3 +138,12 @@ def test_refusals(limited, body, status, error, param):
 def limited(tmp_path_factory):
     with running_server(tmp_path_factory.mktemp("limited"), "--max-context", "32") as srv:
         yield srv
+
+
+def test_a_text_prompt_that_starts_with_bos_text_reads_it_as_bos(server):
+    """What a harness sends when it decodes BOS-prefixed token ids: no second BOS, same scores."""
+    plain = post(server, prompt=TEXT, max_tokens=0, echo=True, logprobs=0).json()["choices"][0]
+    prefixed = post(server, prompt="<|bos|>" + TEXT, max_tokens=0, echo=True, logprobs=0).json()["choices"][0]
+    assert prefixed["logprobs"]["tokens"] == plain["logprobs"]["tokens"]
+    assert close(prefixed["logprobs"]["token_logprobs"], plain["logprobs"]["token_logprobs"])
+    assert prefixed["text"] == "<|bos|>" + TEXT and prefixed["logprobs"]["text_offset"][:2] == [0, 7]
