@@ -147,3 +147,15 @@ def test_a_text_prompt_that_starts_with_bos_text_reads_it_as_bos(server):
     assert prefixed["logprobs"]["tokens"] == plain["logprobs"]["tokens"]
     assert close(prefixed["logprobs"]["token_logprobs"], plain["logprobs"]["token_logprobs"])
     assert prefixed["text"] == "<|bos|>" + TEXT and prefixed["logprobs"]["text_offset"][:2] == [0, 7]
+
+
+def test_scoring_streams_the_prompt_then_the_end(server):
+    r = requests.post(server.url + "/v1/completions", stream=True, timeout=60, json={
+        "prompt": [TEXT, PROBLEMS[0]], "max_tokens": 0, "echo": True, "logprobs": 1, "stream": True})
+    lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == b"data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    for index, prompt in enumerate([TEXT, PROBLEMS[0]]):
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == index]
+        assert mine[0]["text"] == prompt and mine[0]["logprobs"]["token_logprobs"][0] is None
+        assert [c["finish_reason"] for c in mine] == [None, "length"]
