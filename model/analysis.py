@@ -28,21 +28,31 @@ def analyze_row(model: Transformer, request: AnalysisRequest, out: ModelOutput, 
     """The Analyzed event for one batch row of a prefill forward that returned the last layer's
     hidden state (and the lens layers'). attention: that row's (L, H, n, n) weights, or None."""
     ids, n = request.ids, len(request.ids)
-    last = model.config.n_layers - 1
-    logits = model.logit_lens(out.hidden[last][row, : n - 1])                 # (n-1, V): positions 0..n-2
-    logprobs = logits.float().log_softmax(dim=-1)                              # (n-1, V)
-    targets = torch.tensor(ids[1:], device=logprobs.device)[:, None]           # (n-1, 1): the next tokens
-    actual = logprobs.gather(-1, targets)[:, 0].cpu()                          # (n-1,)
-    top = None
-    if request.logprobs:
-        best = logprobs.topk(min(request.logprobs, logprobs.shape[-1]), dim=-1)  # (n-1, N) each
-        top = [[]] + [list(zip(i, lp)) for i, lp in zip(best.indices.tolist(), best.values.tolist())]
+    logprobs, top, actual = token_logprobs(model, out, row=row, ids=ids, top_n=request.logprobs)
     completion = None
     if request.completion_start is not None:
         completion = float(actual[request.completion_start - 1:].double().sum())
     lens = None
     if (spec := request.lens) is not None:
         lens = text_lens(model, out.hidden, spec.layer_ids(model.config.n_layers), row=row, n=n, k=spec.top_k)
-    return Analyzed(request_id=request.request_id, ids=list(ids), logprobs=[None, *actual.tolist()],
+    return Analyzed(request_id=request.request_id, ids=list(ids), logprobs=logprobs,
                     top_logprobs=top, attention=attention, lens=lens, completion_logprob=completion,
                     queue_time=queue_time)
+
+
+def token_logprobs(model: Transformer, out: ModelOutput, *, row: int, ids: list[int], top_n: int
+                   ) -> tuple[list[float | None], list[list[tuple[int, float]]] | None, Tensor]:
+    """Per position of `ids` (one batch row of a forward that returned the last layer's hidden
+    state): the actual token's logprob (None at 0), the top-N (id, logprob) ([] at 0; None when
+    N = 0), and the actual logprobs as a (n-1,) tensor. Generation's prompt logprobs use it too."""
+    n = len(ids)
+    last = model.config.n_layers - 1
+    logits = model.logit_lens(out.hidden[last][row, : n - 1])                 # (n-1, V): positions 0..n-2
+    logprobs = logits.float().log_softmax(dim=-1)                              # (n-1, V)
+    targets = torch.tensor(ids[1:], device=logprobs.device)[:, None]           # (n-1, 1): the next tokens
+    actual = logprobs.gather(-1, targets)[:, 0].cpu()                          # (n-1,)
+    top = None
+    if top_n:
+        best = logprobs.topk(min(top_n, logprobs.shape[-1]), dim=-1)           # (n-1, N) each
+        top = [[]] + [list(zip(i, lp)) for i, lp in zip(best.indices.tolist(), best.values.tolist())]
+    return [None, *actual.tolist()], top, actual

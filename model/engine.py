@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from model.analysis import analyze_row
+from model.analysis import analyze_row, token_logprobs
 from model.detokenizer import IncrementalDetokenizer
 from model.events import (
     AnalysisRequest,
@@ -260,7 +260,10 @@ class Engine:
         positions = torch.arange(T, device=self.device).expand(len(seqs), T)
         slots = self._slot_index([s.slot for s in seqs])
         layers = sorted({layer for s in seqs for layer in s.layers})
-        hidden = sorted({layer for s in seqs for layer in s.lens_layers})
+        hidden = {layer for s in seqs for layer in s.lens_layers}
+        if any(getattr(s.request, "prompt_logprobs", None) is not None for s in seqs):
+            hidden.add(self.model.config.n_layers - 1)            # prompt logprobs read the last stream
+        hidden = sorted(hidden)
         last = -1 if min(lengths) == T else torch.tensor(lengths, device=self.device) - 1   # (B,)
         out = self.model(tokens, positions=positions, cache=self.cache, slots=slots, attn_layers=layers,
                          hidden_layers=hidden, logits_at=last)
@@ -287,10 +290,14 @@ class Engine:
             if spec is not None:                                                    # (L, H, n, n)
                 weights = _select_heads(out.attentions, seq.layers, spec, row=row)[:, :, :n, :n]
             prompt_lens, first_lens = lens.get(i, (None, None))
+            prompt_logprobs = prompt_top = None
+            if (top_n := seq.request.prompt_logprobs) is not None:       # the same math as analyze
+                prompt_logprobs, prompt_top, _ = token_logprobs(self.model, out, row=row, ids=seq.ids, top_n=top_n)
             seq.handle.events.append(Started(
                 request_id=seq.request.request_id, prompt_ids=list(seq.request.prompt_ids),
                 prompt_attention=weights if spec and spec.include_prompt else None,
-                queue_time=seq.admitted - seq.submitted, prompt_lens=prompt_lens))
+                queue_time=seq.admitted - seq.submitted, prompt_lens=prompt_lens,
+                prompt_logprobs=prompt_logprobs, prompt_top_logprobs=prompt_top))
             first_row = weights[:, :, -1] if weights is not None else None            # (L, H, n)
             self._on_token(seq, token_ids[i], sampled, i, first_row, lens=first_lens)
         return [s.handle for s in [*analyzed, *seqs]]

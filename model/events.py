@@ -59,6 +59,7 @@ class GenerationRequest:
     ignore_eos: bool = False
     attention: AttentionSpec | None = None
     lens: LensSpec | None = None
+    prompt_logprobs: int | None = None  # None: none; N: each prompt token's logprob and its top N
     request_id: str = ""
 
 
@@ -103,13 +104,17 @@ class LensTop:
 @dataclass
 class Started:
     """The prompt has been read (prefilled). prompt_attention: (layers, heads, T, T) or None;
-    prompt_lens: (layers, T, k) rows when the request's lens has include_prompt, else None."""
+    prompt_lens: (layers, T, k) rows when the request's lens has include_prompt, else None;
+    prompt_logprobs / prompt_top_logprobs: as Analyzed's logprobs / top_logprobs over the prompt,
+    when the request's prompt_logprobs is set (top_logprobs None when it is 0)."""
 
     request_id: str
     prompt_ids: list[int]
     prompt_attention: Tensor | None
     queue_time: float                   # seconds from submit to admission
     prompt_lens: LensTop | None = None
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
     time: float = field(default_factory=time.perf_counter)
 
 

@@ -84,6 +84,8 @@ class Limits:
                 raise InvalidRequest(f"max_tokens must be >= 1, got {request.max_tokens}", param="max_tokens")
             if request.logprobs is not None:
                 self._check_logprobs(request.logprobs)
+            if request.prompt_logprobs is not None:
+                self._check_logprobs(request.prompt_logprobs, "prompt_logprobs")
         else:                                               # an AnalysisRequest
             self._check_ids(request.ids, "ids")
             self._check_logprobs(request.logprobs)
@@ -137,9 +139,9 @@ class Limits:
             raise InvalidRequest(f"{name} must be token ids in [0, {self.vocab_size}), got {bad}", param=name)
 
     @staticmethod
-    def _check_logprobs(logprobs: int) -> None:
+    def _check_logprobs(logprobs: int, name: str = "logprobs") -> None:
         if not 0 <= logprobs <= MAX_LOGPROBS:
-            raise InvalidRequest(f"logprobs must be in [0, {MAX_LOGPROBS}], got {logprobs}", param="logprobs")
+            raise InvalidRequest(f"{name} must be in [0, {MAX_LOGPROBS}], got {logprobs}", param=name)
 
     @staticmethod
     def _check_indices(values: str | Sequence[int], name: str, limit: int) -> None:

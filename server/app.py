@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import math
+import uuid
 from collections.abc import Coroutine
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
+from model.events import AnalysisRequest, GenerationRequest
 from server import metrics as prom
 from server import native
 from server.bridge import INTERNAL_PATH, AttnServer, Bridge, EventStream, Links, use_zmq
@@ -149,9 +151,10 @@ def add_routes(app: FastAPI, models: Models, bridge: Bridge, auth, *, ready) -> 
             return _error_response(events[-1])
         return JSONResponse(native.collect(events))
 
-    async def openai_route(body: CompletionRequest | ChatCompletionRequest, request: Request, kind: str):
+    async def openai_route(body: CompletionRequest | ChatCompletionRequest, request: Request, kind: str, *,
+                           engine_request: GenerationRequest | None = None):
         service = served(request, body.model)
-        engine_request = service.request(body, service.prompt_ids(body))
+        engine_request = engine_request or service.request(body, service.prompt_ids(body))
         formatter = OpenAIFormatter(kind, service.model_name, include_usage=body.include_usage,
                                     logprobs=engine_request.logprobs, attention=body.attention is not None)
         stream = await _unless_client_leaves(service.open(bridge, engine_request), request)
@@ -166,7 +169,38 @@ def add_routes(app: FastAPI, models: Models, bridge: Bridge, auth, *, ready) -> 
         200: {"content": {SSE: _sse_event("CompletionChunk")},
               "description": "One completion, or server-sent chunks ending `data: [DONE]` when stream is true."}})
     async def completions(body: CompletionRequest, request: Request):
-        return await openai_route(body, request, "completion")
+        service = served(request, body.model)
+        prompts = service.completions(body)
+        if len(prompts) == 1 and not body.echo and body.prompt_logprobs is None:    # the plain case, as chat
+            return await openai_route(body, request, "completion", engine_request=prompts[0][1])
+        return await completions_route(body, service, prompts, request)
+
+    async def completions_route(body: CompletionRequest, service: Service,
+                                prompts: list[tuple[str, GenerationRequest | AnalysisRequest]], request: Request):
+        """Several prompts (each a choice, by index) and echo / prompt_logprobs: every prompt's
+        request is opened at once, so the engine prefills and decodes them together."""
+        shared_id = "cmpl-" + uuid.uuid4().hex
+        formatters = [OpenAIFormatter("completion", service.model_name, include_usage=body.include_usage,
+                                      logprobs=body.logprobs, attention=body.attention is not None, index=i,
+                                      echo=text if body.echo else None, prompt_logprobs=body.prompt_logprobs,
+                                      is_special=service.tokenizer.is_special, id=shared_id)
+                      for i, (text, _) in enumerate(prompts)]
+        streams = await _unless_client_leaves(_open_all(service, bridge, [r for _, r in prompts]), request)
+        if body.stream:
+            return StreamingResponse(_sse_merged(streams, formatters, include_usage=body.include_usage),
+                                     media_type=SSE)
+        try:
+            results = await _unless_client_leaves(_gather_all(streams), request)
+        finally:
+            for stream in streams:
+                await stream.aclose()
+        if failed := next((events for events in results if events[-1]["type"] == "error"), None):
+            return _error_response(failed[-1])
+        responses = [f.response(events) for f, events in zip(formatters, results)]
+        out = responses[0]
+        out["choices"] = [r["choices"][0] for r in responses]
+        out["usage"] = _sum_usage([r["usage"] for r in responses])
+        return JSONResponse(out)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, dependencies=guarded,
               responses=ERRORS | {200: {
@@ -263,6 +297,67 @@ async def _unless_client_leaves(work: Coroutine, request: Request):
     task.cancel()
     await asyncio.wait({task})
     raise ClientGone
+
+
+async def _open_all(service: Service, bridge: Bridge,
+                    requests: list[GenerationRequest | AnalysisRequest]) -> list[EventStream]:
+    """Open every request at once (each waits for its first event); if one is refused, close the rest."""
+    opened = await asyncio.gather(*(service.open(bridge, r) for r in requests), return_exceptions=True)
+    if failed := [e for e in opened if isinstance(e, BaseException)]:
+        for stream in opened:
+            if not isinstance(stream, BaseException):
+                await stream.aclose()
+        raise failed[0]
+    return opened
+
+
+async def _gather_all(streams: list[EventStream]) -> list[list[dict]]:
+    async def gather(stream: EventStream) -> list[dict]:
+        return [e async for e in stream]
+    return await asyncio.gather(*(gather(s) for s in streams))
+
+
+def _sum_usage(usages: list[dict]) -> dict:
+    return {k: sum(u[k] for u in usages) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+
+
+async def _sse_merged(streams: list[EventStream], formatters: list[OpenAIFormatter], *, include_usage: bool):
+    """Several prompts' chunks interleaved as their messages arrive (each choice with its index),
+    one usage chunk last (summed), then [DONE]; an error ends the stream and cancels the others."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int) -> None:
+        try:
+            async for events in streams[i].messages():
+                await queue.put((i, events))
+        finally:
+            await queue.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i)) for i in range(len(streams))]
+    usages, running = [], len(streams)
+    try:
+        while running:
+            i, events = await queue.get()
+            if events is None:
+                running -= 1
+                continue
+            chunks = [c for e in events for c in formatters[i].chunks(e)]
+            for c in [c for c in chunks if not c.get("choices", True) and "usage" in c]:
+                usages.append(c["usage"])
+                chunks.remove(c)
+            if chunks:
+                yield b"".join(sse(c) for c in chunks)
+            if events[-1]["type"] == "error":
+                return
+        if include_usage:
+            usage = formatters[0]._chunk([], usage=_sum_usage(usages))
+            yield sse(usage)
+        yield DONE
+    finally:
+        for task in tasks:
+            task.cancel()
+        for stream in streams:
+            await stream.aclose()
 
 
 async def _ndjson(stream: EventStream):

@@ -28,6 +28,8 @@ def line(event: dict) -> str:
 def start_event(event: Started, tokenizer: Tokenizer, model_name: str) -> dict:
     out = {"type": "start", "id": f"gen-{event.request_id}", "model": model_name,
            "prompt_tokens": [{"id": i, "text": tokenizer.token_text(i)} for i in event.prompt_ids]}
+    if event.prompt_logprobs is not None:           # asked for (OpenAI echo / prompt_logprobs): as analyze's tokens
+        _add_logprobs(out["prompt_tokens"], event.prompt_logprobs, event.prompt_top_logprobs, tokenizer)
     if event.prompt_attention is not None:
         out["prompt_attention"] = ragged_rows(event.prompt_attention)
     if event.prompt_lens is not None:
@@ -49,15 +51,20 @@ def token_event(event: Token, tokenizer: Tokenizer) -> dict:
     return out
 
 
+def _add_logprobs(tokens: list[dict], logprobs: list[float | None],
+                  top_logprobs: list[list[tuple[int, float]]] | None, tokenizer: Tokenizer) -> None:
+    """Each {id, text} token entry gets its logprob (and its top_logprobs when there are some)."""
+    for i, (entry, logprob) in enumerate(zip(tokens, logprobs)):
+        entry["logprob"] = logprob
+        if top_logprobs is not None:
+            entry["top_logprobs"] = [{"id": t, "text": tokenizer.token_text(t), "logprob": lp}
+                                     for t, lp in top_logprobs[i]]
+
+
 def analysis_event(event: Analyzed, tokenizer: Tokenizer, model_name: str) -> dict:
     """An analysis as one event: the body of API.md's /v1/analyze response, with "type"."""
-    tokens = []
-    for i, (token, logprob) in enumerate(zip(event.ids, event.logprobs)):
-        entry = {"id": token, "text": tokenizer.token_text(token), "logprob": logprob}
-        if event.top_logprobs is not None:
-            entry["top_logprobs"] = [{"id": t, "text": tokenizer.token_text(t), "logprob": lp}
-                                     for t, lp in event.top_logprobs[i]]
-        tokens.append(entry)
+    tokens = [{"id": token, "text": tokenizer.token_text(token)} for token in event.ids]
+    _add_logprobs(tokens, event.logprobs, event.top_logprobs, tokenizer)
     out = {"type": "analysis", "id": f"ana-{event.request_id}", "model": model_name, "tokens": tokens}
     if event.attention is not None:
         out["attention"] = ragged_rows(event.attention)

@@ -64,14 +64,40 @@ class Service:
             eos_token=tok.token_text(tok.eos_id) if tok.eos_id is not None else "")
 
     def request(self, body: GenerateRequest | CompletionRequest | ChatCompletionRequest,
-                prompt_ids: list[int]) -> GenerationRequest:
+                prompt_ids: list[int], *, prompt_logprobs: int | None = None) -> GenerationRequest:
         """The engine's request for a validated body; ApiError (400) if the model can't run it."""
         attention, lens = body.attention, getattr(body, "logit_lens", None)
         return self._checked(GenerationRequest(
             prompt_ids=prompt_ids, max_tokens=body.max_new_tokens(), sampling=SamplingParams(**body.sampling_params()),
             seed=body.seed, stop=tuple(body.stop), logprobs=body.num_logprobs(), ignore_eos=body.ignore_eos,
             attention=AttentionSpec(**attention.spec_kwargs()) if attention is not None else None,
-            lens=LensSpec(**lens.spec_kwargs()) if lens is not None else None))
+            lens=LensSpec(**lens.spec_kwargs()) if lens is not None else None, prompt_logprobs=prompt_logprobs))
+
+    def completions(self, body: CompletionRequest) -> list[tuple[str, GenerationRequest | AnalysisRequest]]:
+        """(echo text, engine request) for each prompt of a /v1/completions body, in order; ApiError
+        (400) naming `prompt[i]` for a token id outside the vocabulary or a prompt past the context.
+        Token-id prompts are read as given; string prompts get BOS as everywhere. max_tokens 0 (with
+        echo) scores the prompt alone: an AnalysisRequest, nothing generated."""
+        out = []
+        vocab = self.tokenizer.vocab_size
+        for i, prompt in enumerate(body.prompts()):
+            if isinstance(prompt, str):
+                ids, text = self._completion_ids(prompt), prompt
+            else:
+                if bad := [t for t in prompt if not 0 <= t < vocab][:5]:
+                    name = f"prompt[{i}]" if isinstance(body.prompt[0], list) else "prompt"
+                    raise ApiError(400, "invalid_request", f"{name} must be token ids in [0, {vocab}), got {bad}",
+                                   param=name)
+                ids, text = list(prompt), self.tokenizer.decode(prompt)
+            if body.max_tokens == 0:
+                if body.attention is not None:
+                    raise ApiError(400, "invalid_request", "attention needs max_tokens >= 1 on /v1/completions "
+                                   "(use /v1/analyze to look inside a text)", param="attention")
+                request = self._checked(AnalysisRequest(ids=ids, logprobs=body.prompt_logprobs_wanted() or 0))
+            else:
+                request = self.request(body, ids, prompt_logprobs=body.prompt_logprobs_wanted())
+            out.append((text, request))
+        return out
 
     def analysis(self, body: AnalyzeRequest) -> AnalysisRequest:
         """The engine's analysis of a validated /v1/analyze body; ApiError (400) if the model can't run it."""
@@ -91,6 +117,14 @@ class Service:
             ids=ids, logprobs=body.logprobs, completion_start=completion_start,
             attention=AttentionSpec(**attention.spec_kwargs()) if attention is not None else None,
             lens=LensSpec(**body.logit_lens.spec_kwargs()) if body.logit_lens is not None else None))
+
+    def _completion_ids(self, prompt: str) -> list[int]:
+        """A text prompt's ids: BOS, then the text. A text that starts with the BOS token's own text
+        (what a harness sends when it decodes token ids that began with BOS) reads it as that BOS."""
+        bos = self.chat_template.bos_token
+        if bos and prompt.startswith(bos):
+            return [self.tokenizer.bos_id, *self.tokenizer.encode(prompt[len(bos):], add_bos=False)]
+        return self.encode(prompt)
 
     def _checked(self, request: GenerationRequest | AnalysisRequest):
         try:

@@ -28,6 +28,7 @@ from server.schemas.common import (
     MAX_LOGPROBS,
     MAX_NEW_TOKENS,
     MAX_PROMPT_CHARS,
+    MAX_TOKEN_ID,
     MAX_TOP_K,
     OPENAI_DEFAULT_MAX_TOKENS,
     OPENAI_MAX_TEMPERATURE,
@@ -176,13 +177,10 @@ class _OpenAIRequest(BaseModel):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
-def _one_prompt(value: Any) -> Any:
-    if isinstance(value, list):
-        if len(value) == 1 and isinstance(value[0], str):
-            return value[0]
-        raise ValueError("prompt must be a string or a list holding exactly one string; batched "
-                         "and token-id prompts are not supported")
-    return value
+MAX_PROMPTS = 64  # prompts per /v1/completions request (each a choice; they batch together)
+TokenIds = Annotated[list[Annotated[int, Field(ge=-MAX_TOKEN_ID, le=MAX_TOKEN_ID)]],
+                     Field(min_length=1, max_length=MAX_PROMPT_CHARS)]   # checked against the vocabulary: 400
+PromptText = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
 
 
 class CompletionRequest(_OpenAIRequest):
@@ -190,23 +188,37 @@ class CompletionRequest(_OpenAIRequest):
         {"model": "calculator", "prompt": "two plus three equals", "max_tokens": 8,
          "temperature": 0}]})
 
-    prompt: Annotated[str, BeforeValidator(_one_prompt)] = Field(
-        min_length=1, max_length=MAX_PROMPT_CHARS,
-        description="The text to continue (non-empty); a list with exactly one string is accepted.")
-    max_tokens: int = Field(OPENAI_DEFAULT_MAX_TOKENS, ge=1, le=MAX_NEW_TOKENS,
-                            description="Most tokens to generate (default 16, as OpenAI).")
+    prompt: PromptText | TokenIds | Annotated[list[PromptText], Field(min_length=1, max_length=MAX_PROMPTS)] \
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)] = Field(description=(
+            "The text to continue (non-empty), token ids (read as given: no BOS is added), or a list "
+            f"of up to {MAX_PROMPTS} of either: each prompt is a choice with its index."))
+    max_tokens: int = Field(OPENAI_DEFAULT_MAX_TOKENS, ge=0, le=MAX_NEW_TOKENS, description=(
+        "Most tokens to generate (default 16, as OpenAI); 0 only with echo: score the prompt."))
     logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS, description=(
-        "null: none; N: each token's logprob and the top N alternatives (OpenAI completions)."))
-    echo: bool = Field(False, description="Only false is supported.")
+        "null: none; N: each token's logprob and the top N alternatives (OpenAI completions); "
+        "with echo, the prompt's tokens too (the first one's null)."))
+    echo: bool = Field(False, description="Return the prompt before the completion (text and logprobs).")
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description=(
+        "Extension (as vLLM): each choice's `prompt_logprobs`, per prompt token {id: {logprob, rank, "
+        "decoded_token}} for the actual token and the top N (null for the first)."))
     best_of: int | None = Field(None, description="Only 1 (or null) is supported.")
     suffix: str | None = Field(None, description="Not supported (must be null or empty).")
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, echo: bool) -> bool:
-        if echo:
-            _unsupported("echo", echo, "the prompt is not returned; use /v1/tokenize")
-        return echo
+    @model_validator(mode="after")
+    def _scoring_needs_echo(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens=0 generates nothing: it needs echo=true (score the prompt)")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, one per choice: strings or token-id lists."""
+        p = self.prompt
+        return [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
+
+    def prompt_logprobs_wanted(self) -> int | None:
+        """GenerationRequest.prompt_logprobs: how many alternatives per prompt token (None: none)."""
+        wanted = [n for n in (self.logprobs if self.echo else None, self.prompt_logprobs) if n is not None]
+        return max(wanted) if wanted else None
 
     @field_validator("best_of")
     @classmethod
@@ -347,19 +359,36 @@ class _PromptExtensions(_OpenAIResponse):
 
 class CompletionLogprobs(_OpenAIResponse):
     tokens: list[str]
-    token_logprobs: list[Logprob]
-    top_logprobs: list[dict[str, Logprob]] | None = None
+    token_logprobs: list[Logprob | None] = Field(description="null for an echoed prompt's first token.")
+    top_logprobs: list[dict[str, Logprob] | None] | None = None
     text_offset: list[int]
 
 
-class CompletionChoice(_Extensions):
+class PromptLogprob(BaseModel):
+    logprob: Logprob
+    rank: int | None = Field(description="1 for the most probable; null: the actual token, outside the top N.")
+    decoded_token: str
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
+class _CompletionExtensions(_Extensions):
+    extension_fields: ClassVar[frozenset[str]] = frozenset({"tokens", "attention", "prompt_logprobs"})
+
+    prompt_logprobs: PromptLogprobs | None = Field(None, description=(
+        "Extension (as vLLM), with prompt_logprobs: per prompt token, by token id, the actual token "
+        "and the top N; null for the first (in a stream: on the choice's first chunk)."))
+
+
+class CompletionChoice(_CompletionExtensions):
     index: int = 0
     text: str
     finish_reason: FinishReason
     logprobs: CompletionLogprobs | None = None
 
 
-class CompletionChunkChoice(_Extensions):
+class CompletionChunkChoice(_CompletionExtensions):
     index: int = 0
     text: str
     finish_reason: FinishReason | None = Field(None, description="null until the last chunk.")

@@ -245,3 +245,29 @@ def test_requests_and_results_cross_a_process_boundary(model, tokenizer):
     assert torch.equal(result.attention, here.attention) and torch.equal(result.lens.probs, here.lens.probs)
     gen = GenerationRequest(prompt_ids=[1, 2], lens=LensSpec(layers=(0,), top_k=2, include_prompt=True))
     assert pickle.loads(pickle.dumps(gen)) == gen
+
+
+def test_prompt_logprobs_of_a_generation_equal_analyze_and_transformers(model, tokenizer, tmp_path):
+    """A generation that asks for its prompt's logprobs gets them on Started from its own prefill
+    (batched with one that does not ask): the same numbers as analyze's, and as HF's log-softmax."""
+    ids = tokenizer.encode(TEXT)
+    engine = Engine(model, tokenizer, max_batch=4, max_context=48)
+    asking = engine.submit(GenerationRequest(prompt_ids=ids, max_tokens=3, prompt_logprobs=3))
+    plain = engine.submit(GenerationRequest(prompt_ids=tokenizer.encode(TEXTS[0]), max_tokens=3))
+    engine.step()
+    started = asking.events[0]
+    assert plain.events[0].prompt_logprobs is None and plain.events[0].prompt_top_logprobs is None
+    alone = engine.analyze(AnalysisRequest(ids=ids, logprobs=3))
+    assert started.prompt_logprobs[0] is None and alone.logprobs[0] is None
+    assert torch.allclose(torch.tensor(started.prompt_logprobs[1:]), torch.tensor(alone.logprobs[1:]), atol=1e-5)
+    assert [[t for t, _ in row] for row in started.prompt_top_logprobs] == \
+        [[t for t, _ in row] for row in alone.top_logprobs]
+    logits, _, _ = hf_reference(model, ids, tmp_path)
+    reference = logits.log_softmax(-1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    assert torch.allclose(torch.tensor(started.prompt_logprobs[1:]), reference, atol=1e-4)
+
+
+def test_prompt_logprobs_are_checked_naming_the_field(model, tokenizer):
+    limits = Limits.of(model.config)
+    with pytest.raises(ValueError, match=r"prompt_logprobs must be in \[0, 20\], got 21"):
+        limits.check(GenerationRequest(prompt_ids=tokenizer.encode(TEXT), prompt_logprobs=21))

@@ -225,17 +225,27 @@ def test_openai_conflicting_knobs_are_refused_by_name(knobs):
 
 
 @pytest.mark.parametrize("change,field", [
-    ({"n": 2}, "n"), ({"echo": True}, "echo"), ({"best_of": 3}, "best_of"),
+    ({"n": 2}, "n"), ({"best_of": 3}, "best_of"),
     ({"logit_bias": {"5": 1.0}}, "logit_bias"), ({"suffix": "end"}, "suffix"),
     ({"temperature": 2.5}, "temperature"), ({"top_p": 0}, "top_p"), ({"min_p": 1}, "min_p"),
-    ({"top_k": -2}, "top_k"), ({"logprobs": 6}, "logprobs"), ({"prompt": ["a", "b"]}, "prompt"),
-    ({"prompt": [1, 2]}, "prompt"), ({"stop": ["a"] * 9}, "stop"),
-    ({"max_tokens": 0}, "max_tokens"),
+    ({"top_k": -2}, "top_k"), ({"logprobs": 6}, "logprobs"), ({"prompt": ["a"] * 65}, "prompt"),
+    ({"prompt": [[1]] * 65}, "prompt"), ({"prompt": []}, "prompt"), ({"prompt": [""]}, "prompt"),
+    ({"stop": ["a"] * 9}, "stop"), ({"max_tokens": -1}, "max_tokens"), ({"prompt_logprobs": 21}, "prompt_logprobs"),
     ({"frequency_penalty": math.nan}, "frequency_penalty"),
 ])
 def test_bad_completion_request_names_the_field(change, field):
     locs = error_locs(CompletionRequest, {"prompt": "x"} | change)
     assert any(field in loc for loc in locs), locs
+
+
+def test_completion_prompts_in_openais_four_forms():
+    forms = [("x", ["x"]), (["a", "b"], ["a", "b"]), ([1, 2], [[1, 2]]), ([[1, 2], [3]], [[1, 2], [3]])]
+    for prompt, prompts in forms:
+        assert CompletionRequest(prompt=prompt).prompts() == prompts
+    assert "needs echo=true" in error_text(CompletionRequest, {"prompt": "x", "max_tokens": 0})
+    scoring = CompletionRequest(prompt="x", max_tokens=0, echo=True, logprobs=1, prompt_logprobs=3)
+    assert scoring.prompt_logprobs_wanted() == 3
+    assert CompletionRequest(prompt="x", logprobs=2).prompt_logprobs_wanted() is None
 
 
 def test_n_greater_than_one_is_refused_with_a_clear_message():
@@ -250,7 +260,7 @@ def test_openai_requests_ignore_unknown_fields_and_null_means_default():
         "n": None, "stop": None, "max_tokens": None, "logprobs": None, "frequency_penalty": None,
         "stream_options": {"include_usage": True, "include_obfuscation": False},
         "metadata": {"a": 1}, "logit_bias": {}, "stream": True})
-    assert request.prompt == "only one"
+    assert request.prompts() == ["only one"]
     assert (request.temperature, request.top_p, request.n, request.stop) == (1.0, 1.0, 1, [])
     assert request.max_tokens == 16 and request.num_logprobs() is None
     assert request.include_usage and not CompletionRequest(prompt="x").include_usage
