@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 SHIPPED = Path(__file__).resolve().parent.parent / "checkpoints"   # every model this project ships
 CONFIG_FILE = "config.json"
+CHECKPOINT_FILES = (CONFIG_FILE, "model.safetensors", "tokenizer.json")   # what a checkpoint directory holds
 
 
 def _list(value: Any) -> Any:
@@ -32,8 +33,9 @@ def checkpoint_dirs(path: Path) -> list[Path]:
         return [path]
     found = sorted(p for p in path.iterdir() if (p / CONFIG_FILE).is_file()) if path.is_dir() else []
     if not found:
-        raise ValueError(f"checkpoint {str(path)!r} is neither a checkpoint directory (no {CONFIG_FILE}) "
-                         "nor a directory of them")
+        missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
+        raise ValueError(f"checkpoint {str(path)!r} is neither a checkpoint directory (it lacks "
+                         f"{', '.join(missing)}) nor a directory of them")
     return found
 
 
