@@ -168,7 +168,10 @@ def test_stream_interval_groups_tokens_after_the_first(tmp_path):
     token_reads = [t for t, read in reads if any(e["type"] == "token" for e in read)]
     start = next(t for t, read in reads if read and read[0]["type"] == "start")
     assert token_reads[0] - start < 0.05                      # the first token is not held
-    assert len(token_reads) <= (token_reads[-1] - token_reads[0]) / 0.05 + 2   # then one per interval
+    # Then a message per interval at most: the first, one per 50 ms, the last with done; and one read
+    # of slack, since the client sees arrival times (a fresh-clone CI run saw 14 reads where the
+    # worker's send times allow 13.9: delivery jitter brought two of them closer than 50 ms).
+    assert len(token_reads) <= (token_reads[-1] - token_reads[0]) / 0.05 + 3
     assert len(token_reads) < 40                               # (400 tokens, not 400 messages)
 
 
