@@ -3,7 +3,7 @@
 // each token's colour by how surprised the model was to see it (−logprob).
 // Every lens cell carries data-layer, data-pos and data-top (the top-k exactly as received, JSON).
 
-import { tokenLabel, tokenName } from "./render.js";
+import { th, tokenLabel, tokenName } from "./render.js";
 
 // Sequential greens for a lens probability (blue is attention's, amber generated tokens').
 const GREENS = [[255, 255, 255], [229, 245, 224], [199, 233, 192], [161, 217, 155], [116, 196, 118],
@@ -125,12 +125,4 @@ export function renderScale(el, gradient, ticks) {
     span.textContent = t;
     return span;
   }));
-}
-
-function th(text, className, scope) {
-  const el = document.createElement("th");
-  el.className = className;
-  if (scope) el.scope = scope;
-  if (text) el.textContent = text;
-  return el;
 }

@@ -153,7 +153,7 @@ export function renderMatrix(table, { tokens, rows, rowOf, layer, head, scaleMax
   }
 }
 
-function th(text, className, scope) {
+export function th(text, className, scope) {
   const el = document.createElement("th");
   el.className = className;
   if (scope) el.scope = scope;
