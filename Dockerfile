@@ -1,10 +1,10 @@
-# attnserve: the LitServe server and the shipped calculator checkpoint, CPU only.
+# attnserve: the LitServe server and the shipped checkpoints (calculator, pronouns), CPU only.
 #
 #   docker build -t attnserve .                   # torch from PyTorch's CPU wheel index
 #   bash deploy/fill-wheels.sh && docker build --network host -t attnserve .   # offline: wheels/ only
 #   docker run --rm -p 127.0.0.1:8000:8000 attnserve
 #   docker run --rm -p 127.0.0.1:8000:8000 -v "$PWD/runs/book:/models/book:ro" \
-#       -e ATTNSERVE_CHECKPOINT=/models/book attnserve       # serve another checkpoint
+#       -e ATTNSERVE_CHECKPOINT=/models/book attnserve       # serve another checkpoint instead
 #
 # Wheels in the build context's wheels/ folder are preferred: when they hold every dependency
 # (deploy/fill-wheels.sh puts them there) nothing is downloaded at all; otherwise pip takes the rest
@@ -20,6 +20,7 @@ COPY model/ /model/
 COPY server/ /server/
 COPY clients/ /clients/
 COPY checkpoints/calculator/ /checkpoints/calculator/
+COPY checkpoints/pronouns/ /checkpoints/pronouns/
 
 # The runtime requirements alone, so that editing other parts of pyproject.toml (dev extras, tool
 # settings) keeps the dependency layer below cached.
@@ -50,13 +51,13 @@ RUN set -eu; \
            "$site"/torch/bin/test_* "$site"/torch/bin/*Test "$site"/torch/lib/lib*_test.so \
            "$site"/torch/lib/libaoti_custom_ops.so "$site"/torch/lib/libbackend_with_compiler.so
 COPY --from=src / /src/
-# Non-editable install (setuptools came with the dependencies). The checkpoint is readable by the (non-root) server but owned by root.
+# Non-editable install (setuptools came with the dependencies). The checkpoints are readable by the (non-root) server but owned by root.
 RUN set -eu; \
     export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PIP_ROOT_USER_ACTION=ignore; \
     /opt/venv/bin/pip install -q --no-index --no-deps --no-build-isolation /src; \
     /opt/venv/bin/pip uninstall -q -y pip setuptools; \
     mkdir -p /app/checkpoints; \
-    cp -r /src/checkpoints/calculator /app/checkpoints/; \
+    cp -r /src/checkpoints/calculator /src/checkpoints/pronouns /app/checkpoints/; \
     chmod -R a+rX,go-w /app
 
 FROM ${PYTHON_IMAGE}
@@ -67,15 +68,16 @@ RUN groupadd --system --gid 10001 attnserve \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin attnserve \
     && chmod 755 /
 # ATTNSERVE_CHECKPOINT is explicit: the package is installed into site-packages, where the default
-# (checkpoints/ next to the source tree) does not exist. Mount another checkpoint (e.g. at /models)
-# and point ATTNSERVE_CHECKPOINT at it to serve it. The metrics dir holds prometheus_client's
+# (checkpoints/ next to the source tree) does not exist. It names the directory of the baked-in
+# checkpoints, so every one is served (calculator, the default, and pronouns). Mount another
+# checkpoint (e.g. at /models) and point ATTNSERVE_CHECKPOINT at it to serve it instead. The metrics dir holds prometheus_client's
 # per-process files (multi-process mode); the server clears stale ones at start.
 ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     ATTNSERVE_HOST=0.0.0.0 \
     ATTNSERVE_PORT=8000 \
-    ATTNSERVE_CHECKPOINT=/app/checkpoints/calculator \
+    ATTNSERVE_CHECKPOINT=/app/checkpoints \
     ATTNSERVE_METRICS_DIR=/tmp/attnserve-metrics
 EXPOSE 8000
 # SIGINT is LitServe's own clean shutdown (workers and API servers included). The server handles

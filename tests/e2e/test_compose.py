@@ -120,6 +120,12 @@ def test_streams_a_generation_through_the_published_port(stack):
                     attention={"layers": "all", "heads": "mean", "include_prompt": False})
     assert full.status_code == 200, full.text
     assert full.json()["tokens"][0]["attention"]
+    # The image serves every shipped model; the pronoun model answers by name.
+    models = requests.get(f"{api}/v1/models", headers={"X-API-Key": API_KEY}, timeout=5).json()["data"]
+    assert [m["id"] for m in models] == ["calculator", "pronouns"]
+    pronoun = generate(api, model="pronouns", max_tokens=1,
+                       prompt="the trophy did not fit in the suitcase because it was too big . it refers to the")
+    assert pronoun.status_code == 200 and pronoun.json()["text"] == " trophy", pronoun.text
     # An error for the dashboard's error panels.
     too_long = generate(api, prompt="one plus " * 2000 + "one equals", max_tokens=1)
     assert too_long.status_code == 400 and too_long.json()["error"]["type"] == "context_length_exceeded"
@@ -166,7 +172,7 @@ def test_prometheus_scrapes_attnserve(stack, request):
         return result and latest and float(latest[0]["value"][1]) >= 1 and result
 
     series = wait_for(ttft_samples, 60, "no TTFT series with samples in Prometheus")
-    assert series[0]["metric"]["model_name"] == "calculator"
+    assert "calculator" in {s["metric"]["model_name"] for s in series} <= {"calculator", "pronouns"}
     say(request, f"Prometheus had the target up and TTFT samples {time.monotonic() - t0:.1f} s after health")
 
 
@@ -180,7 +186,7 @@ def test_dashboard_queries_run_in_prometheus(stack):
     variable = dashboard["templating"]["list"][0]["query"]["query"]
     metric = re.fullmatch(r"label_values\((\w+), model_name\)", variable).group(1)
     series = requests.get(f"{stack['prom']}/api/v1/series", params={"match[]": metric}, timeout=10).json()["data"]
-    assert {s["model_name"] for s in series} == {"calculator"}
+    assert {s["model_name"] for s in series} == {"calculator", "pronouns"}
 
 
 def test_runs_as_non_root(stack):
