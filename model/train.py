@@ -4,8 +4,9 @@
     python -m model.train --corpus pronouns --out checkpoints/pronouns
     python -m model.train --corpus text --text-file book.txt --minutes 10 --out runs/book
 
-AdamW, linear warmup then cosine decay, gradient clipping, periodic evaluation (loss, bits per
-byte, perplexity), a progress bar, a loss curve (PNG) and a model card. Before step one it prints
+AdamW, linear warmup then cosine decay, gradient clipping, bf16 autocast where the CPU computes
+bf16 natively (--precision; weights and optimizer state stay float32, validation runs in float32),
+periodic evaluation (loss, bits per byte, perplexity), a progress bar, a loss curve (PNG) and a model card. Before step one it prints
 the plan: tokens per step, steps, and the wall time measured trial steps predict; with --minutes
 the steps are chosen to fit. Deterministic given --seed (and --steps). Options left unset take
 the corpus's default (CORPUS_DEFAULTS).
@@ -14,6 +15,7 @@ the corpus's default (CORPUS_DEFAULTS).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -41,6 +43,7 @@ from model.plan import measure_step_seconds, plan_run
 from model.probe import best_head_line, probe_table
 from model.pronouns import HELD_OUT_RULE, TEMPLATES, pronoun_split
 from model.pronouns import examples as pronoun_examples
+from model.quantization import DTYPE_CHOICES, dtype_name, resolve_dtype
 from model.tokenizer import Tokenizer
 from model.transformer import Transformer
 
@@ -54,14 +57,16 @@ CORPORA = {
 
 # What an option left unset means, per corpus. The pronoun vocabulary (~700 tokens) makes every
 # word one token; 512 would split most nouns. Text trains for a time budget, not a step count: a
-# few MB fit nanoGPT's CPU recipe (4 layers of width 128, short windows, small batches).
+# few MB fit nanoGPT's CPU recipe (4 layers of width 128, short windows, small batches), under bf16
+# autocast where the CPU has bf16 instructions. The shipped calculator and pronoun models were
+# trained in float32 and keep it, so their cards' commands reproduce them.
 CORPUS_DEFAULTS: dict[str, dict] = {
     "calculator": dict(preset="calculator", vocab_size=512, steps=2000, batch_size=256, block_size=256,
-                       lr=3e-3, warmup_steps=100),
+                       lr=3e-3, warmup_steps=100, precision="float32"),
     "pronouns": dict(preset="calculator", vocab_size=1024, steps=3000, batch_size=128, block_size=256,
-                     lr=3e-3, warmup_steps=100),
+                     lr=3e-3, warmup_steps=100, precision="float32"),
     "text": dict(preset="calculator", vocab_size=2048, minutes=10.0, batch_size=32, block_size=128,
-                 lr=3e-3, warmup_steps=100),
+                 lr=3e-3, warmup_steps=100, precision="auto"),
 }
 
 
@@ -81,6 +86,7 @@ class TrainArgs:
     warmup_steps: int | None = None
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    precision: str | None = None   # the training steps' compute dtype: auto, float32 or bfloat16 (autocast)
     eval_every: int = 250
     seed: int = 0
     threads: int | None = None
@@ -100,7 +106,10 @@ class TrainArgs:
         fill = {k: v for k, v in defaults.items() if getattr(self, k) is None}
         if self.out is None:
             fill["out"] = f"runs/{self.corpus}"
-        return replace(self, **fill)
+        resolved = replace(self, **fill)
+        if resolved.precision not in DTYPE_CHOICES:
+            raise SystemExit(f"--precision must be one of {', '.join(DTYPE_CHOICES)}, got {resolved.precision!r}")
+        return resolved
 
 
 HELP = {
@@ -119,6 +128,9 @@ HELP = {
     "warmup_steps": "steps of linear warmup from 0 to lr",
     "weight_decay": "AdamW weight decay on matrices (not on norms)",
     "grad_clip": "gradient norm clip",
+    "precision": "compute dtype of the training steps: bfloat16 runs forward and backward under bf16 autocast "
+                 "(weights, gradients and AdamW state stay float32); auto is bfloat16 where the CPU has bf16 "
+                 "instructions (avx512_bf16/amx_bf16), else float32",
     "eval_every": "steps between validation-loss evaluations",
     "seed": "seeds data order, initialisation and the validation split: same seed, same model",
     "threads": "torch threads (default: torch's choice)",
@@ -143,8 +155,14 @@ def make_optimizer(model: Transformer, args: TrainArgs) -> torch.optim.AdamW:
                               {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
 
 
-def loss_on(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = model(inputs).logits                                        # (B, T, V)
+def loss_on(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor, *,
+            compute: torch.dtype = torch.float32) -> torch.Tensor:
+    """Mean cross-entropy of the next-token predictions; with compute=bfloat16 the forward runs under
+    autocast (matmuls in bf16, the float32 weights cast on the fly; the logits and the loss in float32)."""
+    autocast = (torch.autocast(inputs.device.type, dtype=compute) if compute != torch.float32
+                else contextlib.nullcontext())
+    with autocast:
+        logits = model(inputs).logits                                    # (B, T, V), float32
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
 
 
@@ -206,8 +224,11 @@ def train(args: TrainArgs) -> dict:
     picked = {k: getattr(args, k) for k in CORPUS_DEFAULTS[args.corpus] if getattr(given, k) is None}
     print(f"corpus {args.corpus} defaults for options not given: "
           + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in picked.items()))
-    plan = plan_training(model, batches, args)
+    compute = resolve_dtype(args.precision, device="cpu")
+    plan = plan_training(model, batches, args, compute)
     args = replace(args, steps=plan.steps)
+    print(f"precision: {'bf16 autocast' if compute == torch.bfloat16 else 'float32'} "
+          f"(--precision {args.precision})", flush=True)
     print(plan.describe(), flush=True)
     optimizer = make_optimizer(model, args)
     byte_lengths = token_byte_lengths(tokenizer)
@@ -221,7 +242,7 @@ def train(args: TrainArgs) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
         inputs, targets = next(batches)
-        loss = loss_on(model, inputs, targets)
+        loss = loss_on(model, inputs, targets, compute=compute)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -264,7 +285,7 @@ def train(args: TrainArgs) -> dict:
     plot_loss(history, out / "loss.png")
     card = {"corpus": args.corpus, "corpus_facts": facts, "parameters": model.num_parameters,
             "config": config.as_dict(), "training": {k: v for k, v in vars(args).items() if k != "progress"},
-            "wall_time_seconds": round(train_seconds, 1), "training_loop_seconds": round(loop_seconds, 1),
+            "compute_dtype": dtype_name(compute), "wall_time_seconds": round(train_seconds, 1), "training_loop_seconds": round(loop_seconds, 1),
             "plan": {"tokens_per_step": plan.tokens_per_step, "planned_steps": plan.steps, "steps": args.steps,
                      "seconds_per_step": round(plan.seconds_per_step, 4),
                      "estimated_seconds": round(plan.estimated_seconds, 1), "budget_seconds": plan.budget_seconds},
@@ -274,7 +295,7 @@ def train(args: TrainArgs) -> dict:
     return metrics
 
 
-def plan_training(model: Transformer, batches, args: TrainArgs):
+def plan_training(model: Transformer, batches, args: TrainArgs, compute: torch.dtype):
     """Time trial steps on a batch of the run's shape (drawn from a copy of the batches with its own
     seed, so the run's data order is untouched; gradients dropped, no update) and plan the run."""
     trial = copy.deepcopy(batches)
@@ -282,7 +303,7 @@ def plan_training(model: Transformer, batches, args: TrainArgs):
     inputs, targets = next(trial)
 
     def step() -> None:
-        loss_on(model, inputs, targets).backward()
+        loss_on(model, inputs, targets, compute=compute).backward()
         model.zero_grad(set_to_none=True)
 
     return plan_run(tokens_per_step=int((targets != -100).sum()), seconds_per_step=measure_step_seconds(step),
@@ -314,6 +335,7 @@ def write_model_card(out: Path, card: dict) -> None:
              "| fact | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in card["corpus_facts"].items()]
     lines += [f"| steps | {t['steps']} (batch {t['batch_size']}, lr {t['lr']}, seed {t['seed']}) |",
+              f"| training precision | {card['compute_dtype']} |",
               f"| wall time | {card['wall_time_seconds'] / 60:.1f} min |"]
     lines += [f"| {k} | {v:.4%} |" if "exact_match" in k else f"| {k} | {v:.4g} |"
               for k, v in metrics.items() if isinstance(v, int | float)]

@@ -34,7 +34,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """weight · x / √(mean(x²) + eps), one fused op; for bf16 input it accumulates in float32
         and rounds once (HF's LlamaRMSNorm rounds before the weight multiply: a last-bit difference)."""
-        return torch.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        weight = self.weight
+        if weight.dtype != x.dtype:     # training under bf16 autocast: bf16 activations, float32 gains
+            weight = weight.to(x.dtype)
+        return torch.rms_norm(x, weight.shape, weight, self.eps)
 
 
 class MLP(nn.Module):

@@ -117,3 +117,23 @@ def test_unset_options_take_the_corpus_defaults():
     assert TrainArgs(corpus="calculator", steps=7).resolved().steps == 7
     with pytest.raises(SystemExit, match="unknown corpus 'poems'"):
         TrainArgs(corpus="poems").resolved()
+
+
+def test_bf16_autocast_trains_to_the_loss_float32_reaches(tmp_path):
+    """The same tiny run in float32 and under bf16 autocast: both learn, to nearly the same
+    validation loss (validation runs in float32 either way), and the card says which ran."""
+    runs = {}
+    for precision in ("float32", "bfloat16"):
+        out = tmp_path / precision
+        runs[precision] = train(TrainArgs(out=str(out), steps=40, batch_size=32, eval_every=20, warmup_steps=5,
+                                          progress=False, seed=3, eval_held_out=False, precision=precision))
+        card = json.loads((out / "model_card.json").read_text())
+        assert card["training"]["precision"] == precision and card["compute_dtype"] == precision
+    f32, bf16 = runs["float32"]["final_val_loss"], runs["bfloat16"]["final_val_loss"]
+    assert f32 < 3.0 and bf16 < 3.0
+    assert f32 != bf16 and abs(bf16 - f32) / f32 < 0.05
+
+
+def test_an_unknown_precision_is_refused_with_the_choices():
+    with pytest.raises(SystemExit, match="--precision must be one of auto, float32, bfloat16"):
+        TrainArgs(precision="fp16").resolved()
