@@ -5,10 +5,10 @@
     python -m model.train --corpus text --text-file book.txt --minutes 10 --out runs/book
 
 AdamW, linear warmup then cosine decay, gradient clipping, bf16 autocast where the CPU computes
-bf16 natively (--precision; weights and optimizer state stay float32, validation runs in float32),
-periodic evaluation (loss, bits per byte, perplexity), a progress bar, a loss curve (PNG) and a model card. Before step one it prints
-the plan: tokens per step, steps, and the wall time measured trial steps predict; with --minutes
-the steps are chosen to fit. Deterministic given --seed (and --steps). Options left unset take
+bf16 natively (--precision; weights and optimizer state stay float32, validation runs in
+float32), periodic evaluation (loss, bits per byte, perplexity), a progress bar, a loss curve
+(PNG) and a model card. Before step one it prints the plan: tokens per step, steps, and the wall
+time measured trial steps predict; with --minutes the steps are chosen to fit. Deterministic given --seed (and --steps). Options left unset take
 the corpus's default (CORPUS_DEFAULTS).
 """
 
@@ -378,8 +378,8 @@ def parse_args(argv: list[str] | None = None) -> TrainArgs:
         else:
             shown = "runs/<corpus>" if name == "out" else str(default)
         help_text = HELP[name] + ("" if "(default" in HELP[name] else f" (default: {shown})")
-        kwargs = {"choices": list(CORPORA)} if name == "corpus" else {}
-        parser.add_argument(flag, type=kind, default=default, help=help_text, **kwargs)
+        choices = {"corpus": list(CORPORA), "precision": list(DTYPE_CHOICES)}.get(name)
+        parser.add_argument(flag, type=kind, default=default, help=help_text, choices=choices)
     return TrainArgs(**vars(parser.parse_args(argv)))
 
 
