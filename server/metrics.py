@@ -2,17 +2,22 @@
 
 prometheus_client's multiprocess mode keeps each process's values in files under
 PROMETHEUS_MULTIPROC_DIR, which must be set before prometheus_client is imported in every process:
-this module sets it (inherited by spawned workers) before importing it. Names follow API.md and
+this module sets it (inherited by spawned workers) before importing it. Where it was not set, the
+process that first imports this module makes a temporary directory and removes it when it exits. Names follow API.md and
 vLLM's; every series carries `model_name`.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="attnserve-metrics-"))
+if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:       # spawned workers inherit the parent's
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = _own_dir = tempfile.mkdtemp(prefix="attnserve-metrics-")
+    atexit.register(shutil.rmtree, _own_dir, ignore_errors=True)
 
 from typing import get_args
 

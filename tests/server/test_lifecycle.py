@@ -1,4 +1,5 @@
-"""Disconnects free their slot; SIGTERM and SIGINT leave no process behind; metrics add up."""
+"""Disconnects free their slot; SIGTERM and SIGINT leave no process behind; metrics add up and
+leave no temporary directory behind."""
 
 from __future__ import annotations
 
@@ -6,13 +7,15 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.serving import running_server
+from tests.serving import ROOT, running_server
 
 pytestmark = pytest.mark.slow
 
@@ -189,3 +192,17 @@ def test_manager_queue_transport_streams_like_zmq(tmp_path):
                                  json={**body, "prompt": "two plus three " * 8})
         assert too_long.status_code == 400
         assert too_long.json()["error"]["type"] == "context_length_exceeded"
+
+
+@pytest.mark.parametrize("given", [False, True])
+def test_the_metrics_module_leaves_no_temporary_directory_behind(tmp_path, given):
+    """Without PROMETHEUS_MULTIPROC_DIR, the importing process makes one and removes it at exit;
+    with it (a spawned worker, or --metrics-dir), it makes none."""
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"} | {"TMPDIR": str(tmp_path)}
+    if given:
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "given")
+    code = "import os, server.metrics; print(os.environ['PROMETHEUS_MULTIPROC_DIR'])"
+    used = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert used == str(tmp_path / "given") if given else used.startswith(str(tmp_path / "attnserve-metrics-"))
+    assert not list(tmp_path.glob("attnserve-metrics-*"))
