@@ -8,8 +8,8 @@ AdamW, linear warmup then cosine decay, gradient clipping, bf16 autocast where t
 bf16 natively (--precision; weights and optimizer state stay float32, validation runs in
 float32), periodic evaluation (loss, bits per byte, perplexity), a progress bar, a loss curve
 (PNG) and a model card. Before step one it prints the plan: tokens per step, steps, and the wall
-time measured trial steps predict; with --minutes the steps are chosen to fit. Deterministic given --seed (and --steps). Options left unset take
-the corpus's default (CORPUS_DEFAULTS).
+time measured trial steps predict; with --minutes the steps are chosen to fit. Deterministic
+given --seed (and --steps). Options left unset take the corpus's default (CORPUS_DEFAULTS).
 """
 
 from __future__ import annotations
@@ -285,7 +285,8 @@ def train(args: TrainArgs) -> dict:
     plot_loss(history, out / "loss.png")
     card = {"corpus": args.corpus, "corpus_facts": facts, "parameters": model.num_parameters,
             "config": config.as_dict(), "training": {k: v for k, v in vars(args).items() if k != "progress"},
-            "compute_dtype": dtype_name(compute), "wall_time_seconds": round(train_seconds, 1), "training_loop_seconds": round(loop_seconds, 1),
+            "compute_dtype": dtype_name(compute), "wall_time_seconds": round(train_seconds, 1),
+            "training_loop_seconds": round(loop_seconds, 1),
             "plan": {"tokens_per_step": plan.tokens_per_step, "planned_steps": plan.steps, "steps": args.steps,
                      "seconds_per_step": round(plan.seconds_per_step, 4),
                      "estimated_seconds": round(plan.estimated_seconds, 1), "budget_seconds": plan.budget_seconds},
