@@ -15,7 +15,6 @@ given --seed (and --steps). Options left unset take the corpus's default (CORPUS
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import math
@@ -159,9 +158,7 @@ def loss_on(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor, *,
             compute: torch.dtype = torch.float32) -> torch.Tensor:
     """Mean cross-entropy of the next-token predictions; with compute=bfloat16 the forward runs under
     autocast (matmuls in bf16, the float32 weights cast on the fly; the logits and the loss in float32)."""
-    autocast = (torch.autocast(inputs.device.type, dtype=compute) if compute != torch.float32
-                else contextlib.nullcontext())
-    with autocast:
+    with torch.autocast(inputs.device.type, dtype=compute, enabled=compute != torch.float32):
         logits = model(inputs).logits                                    # (B, T, V), float32
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
 

@@ -3,8 +3,8 @@
 prometheus_client's multiprocess mode keeps each process's values in files under
 PROMETHEUS_MULTIPROC_DIR, which must be set before prometheus_client is imported in every process:
 this module sets it (inherited by spawned workers) before importing it. Where it was not set, the
-process that first imports this module makes a temporary directory and removes it when it exits. Names follow API.md and
-vLLM's; every series carries `model_name`.
+process that first imports this module makes a temporary directory and removes it when it exits.
+Names follow API.md and vLLM's; every series carries `model_name`.
 """
 
 from __future__ import annotations
