@@ -69,7 +69,7 @@ from model.attention import Attention, fast_attention
 from model.checkpoint import load_checkpoint
 from model.engine import Engine
 from model.events import AnalysisRequest, AttentionSpec, Finished, GenerationRequest, LensSpec, Token
-from model.quantization import int8_mm, weight_bytes_per_token
+from model.quantization import dense_mm, int8_mm, weight_bytes_per_token
 from model.rope import apply_rope
 from model.tokenizer import Tokenizer
 from model.transformer import Block, ModelOutput, Transformer
@@ -309,7 +309,7 @@ class NoCaptureAttention(Attention):
         B, T = cos.shape[:2]
         nh, nkv, hs = self.n_heads, self.n_kv_heads, self.head_dim
         q8 = self.w_qkv_int8
-        qkv = x @ self.w_qkv if q8 is None else int8_mm(x, self.w_qkv, q8)
+        qkv = dense_mm(x, self.w_qkv, self.kernels) if q8 is None else int8_mm(x, self.w_qkv, q8)
         qkv = qkv.view(B, T, nh + 2 * nkv, hs)
         qk = qkv[:, :, : nh + nkv]
         qk.copy_(apply_rope(qk, cos, sin))
@@ -325,7 +325,7 @@ class NoCaptureAttention(Attention):
         out = out.transpose(1, 2).reshape(B * T, nh * hs)
         if (o8 := self.w_o_int8) is not None:
             return int8_mm(out, self.w_o, o8, residual)
-        return torch.addmm(residual, out, self.w_o)
+        return dense_mm(out, self.w_o, self.kernels, residual)
 
 
 class NoCaptureBlock(Block):

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from model.config import ModelConfig
 from model.kv_cache import CacheIndex, KVCache
-from model.quantization import Int8Weight, int8_mm
+from model.quantization import Int8Weight, KernelChoice, dense_mm, int8_mm
 from model.rope import apply_rope
 
 
@@ -86,6 +86,7 @@ class Attention(nn.Module):
         # int8 copies made at load (model/quantization.py); None: the dense weights above only.
         self.w_qkv_int8: Int8Weight | None = None
         self.w_o_int8: Int8Weight | None = None
+        self.kernels: KernelChoice | None = None    # the model's kernel choice, set at load
 
     def hf_weights(self) -> dict[str, Tensor]:
         """HF's (out, in) q_proj / k_proj / v_proj / o_proj weights, as views into ours."""
@@ -103,7 +104,7 @@ class Attention(nn.Module):
         B, T = cos.shape[:2]
         nh, nkv, hs = self.n_heads, self.n_kv_heads, self.head_dim
         q8 = self.w_qkv_int8
-        qkv = x @ self.w_qkv if q8 is None else int8_mm(x, self.w_qkv, q8)
+        qkv = dense_mm(x, self.w_qkv, self.kernels) if q8 is None else int8_mm(x, self.w_qkv, q8)
         qkv = qkv.view(B, T, nh + 2 * nkv, hs)                  # (B, T, nh+2nkv, hs)
         qk = qkv[:, :, : nh + nkv]                              # (B, T, nh+nkv, hs): q and k heads,
         qk.copy_(apply_rope(qk, cos, sin))                      # rotated together, in place
@@ -122,4 +123,4 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(B * T, nh * hs)      # (B·T, C): heads side by side again
         if (o8 := self.w_o_int8) is not None:
             return int8_mm(out, self.w_o, o8, residual), weights
-        return torch.addmm(residual, out, self.w_o), weights    # residual + out @ w_o, one kernel
+        return dense_mm(out, self.w_o, self.kernels, residual), weights   # residual + out @ w_o, one kernel

@@ -32,6 +32,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from model import gemv
+from model.gemv import bf16_gemv
+
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")
 QUANTIZATIONS = ("none", "int8")
@@ -89,12 +92,16 @@ def resolve_kv_cache_dtype(kv_cache_dtype: str | torch.dtype | None, compute: to
 
 @dataclass
 class KernelChoice:
-    """Shared by every int8 weight of a model: batches of up to `int8_max_rows` rows use the int8
-    kernel, larger ones the dense GEMM; `timings` holds what the choice was made from (ms per pass
-    over all matrices, by rows)."""
+    """Shared by every projection of a model: batches of up to `int8_max_rows` rows use the int8
+    kernel, then up to `gemv_max_rows` the hand-written bf16 kernel (model/gemv.py), larger ones
+    the library GEMM; `timings` / `gemv_timings` hold what the choices were made from (ms per pass
+    over all matrices, by rows: (int8 or gemv, library))."""
 
     int8_max_rows: int = 0
-    timings: dict[int, tuple[float, float]] | None = None    # rows → (int8 ms, dense ms)
+    gemv_max_rows: int = 0
+    timings: dict[int, tuple[float, float]] | None = None
+    gemv_timings: dict[int, tuple[float, float]] | None = None
+    gemv_unavailable: str = ""       # why the bf16 kernel is not used, where it could be
 
 
 class Int8Weight(nn.Module):
@@ -132,13 +139,21 @@ class Int8Weight(nn.Module):
         return torch._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scales).to(x.dtype)
 
 
+def dense_mm(x: Tensor, w: Tensor, choice: KernelChoice | None, residual: Tensor | None = None) -> Tensor:
+    """x (N, in) @ w (in, out) [+ residual]: the bf16 matrix-vector kernel for up to
+    `choice.gemv_max_rows` rows, else the library GEMM (one addmm with the residual)."""
+    if choice is not None and x.shape[0] <= choice.gemv_max_rows:
+        return bf16_gemv(x.contiguous(), w, residual)
+    return x @ w if residual is None else torch.addmm(residual, x, w)
+
+
 def int8_mm(x: Tensor, w: Tensor, q: Int8Weight, residual: Tensor | None = None) -> Tensor:
-    """x (N, in) @ w (in, out) [+ residual]: the int8 kernel for small N, else the dense GEMM over
+    """x (N, in) @ w (in, out) [+ residual]: the int8 kernel for small N, else the dense path over
     `w`, which holds the dequantised weights in the compute dtype."""
     if x.shape[0] <= q.choice.int8_max_rows:
         y = q.mm(x)
         return y if residual is None else y.add_(residual)
-    return x @ w if residual is None else torch.addmm(residual, x, w)
+    return dense_mm(x, w, q.choice, residual)
 
 
 # -- making a model's weights -------------------------------------------------------------------
@@ -151,9 +166,9 @@ def _projections(model: nn.Module) -> list[tuple[nn.Module, str]]:
 
 
 def apply_weights(model: nn.Module, *, dtype: torch.dtype, quantization: str = "none",
-                  int8_max_rows: int | None = None) -> None:
+                  int8_max_rows: int | None = None, gemv_max_rows: int | None = None) -> None:
     """Turn a float32 model (filled from its checkpoint) into `dtype` with `quantization`, in place.
-    int8_max_rows: force the int8/dense boundary instead of measuring it (tests)."""
+    int8_max_rows / gemv_max_rows: force a kernel's boundary instead of measuring it (tests)."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     device = model.embed_tokens.weight.device
@@ -181,28 +196,45 @@ def apply_weights(model: nn.Module, *, dtype: torch.dtype, quantization: str = "
                 p = getattr(module, name)
                 p.data = p.data.t().contiguous().t()
     model.weights_dtype, model.quantization = dtype, quantization
+    for module in {m for m, _ in _projections(model)}:
+        module.kernels = choice
+    model.kernel_choice = choice
+    if dtype == torch.bfloat16 and device.type == "cpu":
+        if not gemv.available():
+            choice.gemv_unavailable = gemv.unavailable_reason()
+        elif gemv_max_rows is not None:
+            choice.gemv_max_rows = gemv_max_rows
+        else:
+            choice.gemv_max_rows, choice.gemv_timings = measure_rows(model, "gemv")
     if quantization == "int8":
         choice.int8_max_rows = int8_max_rows if int8_max_rows is not None else -1
         if int8_max_rows is None:
-            choice.int8_max_rows, choice.timings = measure_int8_rows(model)
-    model.kernel_choice = choice
+            choice.int8_max_rows, choice.timings = measure_rows(model, "int8")
 
 
 @torch.inference_mode()
-def measure_int8_rows(model: nn.Module, *, reps: int = 7) -> tuple[int, dict[int, tuple[float, float]]]:
-    """Time one pass over every int8 matrix of the model, int8 kernel vs the dense GEMM, at each
-    batch size in MEASURED_ROWS; return the largest size below the first one where dense wins
-    (0: dense always), and the timings (medians, ms). The two run back to back `reps` times and
-    the median of the paired ratios decides: a burst of other load on a shared machine slows the
-    pair alike, or one of them in a single pair only."""
-    mats = [(getattr(m, n), getattr(m, n + "_int8")) for m, n in _projections(model)]
-    mats.append((model.lm_head.weight.t(), model.lm_head_int8))
-    dtype = model.weights_dtype
+def measure_rows(model: nn.Module, kernel: Literal["int8", "gemv"], *, reps: int = 7
+                 ) -> tuple[int, dict[int, tuple[float, float]]]:
+    """Time one pass over every projection and the head, `kernel` (the int8 kernel, or the bf16
+    matrix-vector kernel) against the path it would replace (the dense path as already chosen, or
+    the library GEMM), at each batch size in MEASURED_ROWS; return the largest size below the
+    first one where `kernel` loses (0: never use it), and the timings (medians, ms). The two run
+    back to back `reps` times and the median of the paired ratios decides: a burst of other load
+    on a shared machine slows the pair alike, or one of them in a single pair only."""
+    mats = [(getattr(m, n), getattr(m, n + "_int8", None)) for m, n in _projections(model)]
+    mats.append((model.lm_head.weight.t(), getattr(model, "lm_head_int8", None)))
+    dtype, choice = model.weights_dtype, model.kernel_choice
+    if kernel == "int8":
+        contender = lambda x, w, q: q.mm(x)
+        baseline = lambda x, w, q: dense_mm(x, w, choice)
+    else:
+        contender = lambda x, w, q: bf16_gemv(x, w)
+        baseline = lambda x, w, q: x @ w
     timings, best_rows = {}, 0
     for rows in MEASURED_ROWS:
         xs = [torch.randn(rows, w.shape[0], dtype=dtype) for w, _ in mats]
-        passes = {"int8": lambda xs=xs: [q.mm(x) for x, (_, q) in zip(xs, mats)],
-                  "dense": lambda xs=xs: [x @ w for x, (w, _) in zip(xs, mats)]}
+        passes = {name: lambda xs=xs, fn=fn: [fn(x, w, q) for x, (w, q) in zip(xs, mats)]
+                  for name, fn in (("kernel", contender), ("baseline", baseline))}
         seconds: dict[str, list[float]] = {name: [] for name in passes}
         for rep in range(reps + 1):                     # the first round warms up
             for name, fn in passes.items():
@@ -210,7 +242,7 @@ def measure_int8_rows(model: nn.Module, *, reps: int = 7) -> tuple[int, dict[int
                 fn()
                 if rep:
                     seconds[name].append(time.perf_counter() - start)
-        ratio = statistics.median(a / b for a, b in zip(seconds["int8"], seconds["dense"]))
+        ratio = statistics.median(a / b for a, b in zip(seconds["kernel"], seconds["baseline"]))
         timings[rows] = tuple(statistics.median(seconds[name]) * 1e3 for name in passes)
         if ratio >= 1:
             break
@@ -222,17 +254,26 @@ def weights_info(model: nn.Module) -> dict:
     """A JSON-able description of the model's weights and kernels (for logs and /v1/models)."""
     dtype = dtype_name(getattr(model, "weights_dtype", torch.float32))
     quantization = getattr(model, "quantization", "none")
+    choice = getattr(model, "kernel_choice", KernelChoice())
     dense = f"{dtype} GEMM, weights {'(in, out)' if dtype == 'float32' else '(out, in)'}"
-    info = {"dtype": dtype, "quantization": quantization, "weight_bytes_per_token": weight_bytes_per_token(model)}
     if quantization == "int8":
-        rows = model.kernel_choice.int8_max_rows
-        info["kernels"] = {f"rows <= {rows}": "int8 _weight_int8pack_mm (bf16 activations)",
-                           f"rows > {rows}": dense + " (dequantised int8)"}
-        if model.kernel_choice.timings:
-            info["measured_ms"] = {str(r): {"int8": round(a, 3), "dense": round(b, 3)}
-                                   for r, (a, b) in model.kernel_choice.timings.items()}
-    else:
-        info["kernels"] = {"all rows": dense}
+        dense += " (dequantised int8)"
+    # Batch-size ranges, smallest first: the int8 kernel, then the bf16 kernel, then the library GEMM.
+    ranges = [(choice.int8_max_rows if quantization == "int8" else 0, "int8 _weight_int8pack_mm (bf16 activations)"),
+              (choice.gemv_max_rows, "bf16 matrix-vector, hand-written (model/gemv.c, AVX512-BF16)")]
+    kernels, low = {}, 1
+    for high, name in ranges:
+        if high >= low:
+            kernels[f"rows <= {high}" if low == 1 else f"rows {low}-{high}"] = name
+            low = high + 1
+    kernels["all rows" if low == 1 else f"rows > {low - 1}"] = dense
+    info = {"dtype": dtype, "quantization": quantization, "weight_bytes_per_token": weight_bytes_per_token(model),
+            "kernels": kernels}
+    measured = {"int8": choice.timings if quantization == "int8" else None, "gemv": choice.gemv_timings}
+    info["measured_ms"] = {kernel: {str(r): {kernel: round(a, 3), "dense": round(b, 3)} for r, (a, b) in t.items()}
+                           for kernel, t in measured.items() if t}
+    if choice.gemv_unavailable:
+        info["gemv_unavailable"] = choice.gemv_unavailable
     return info
 
 

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from model.attention import Attention
 from model.config import ModelConfig
 from model.kv_cache import CacheIndex, KVCache, Slots
-from model.quantization import Int8Weight, int8_mm
+from model.quantization import Int8Weight, KernelChoice, dense_mm, int8_mm
 from model.rope import rope_tables
 
 
@@ -50,6 +50,7 @@ class MLP(nn.Module):
         self.w_down = nn.Parameter(torch.empty(config.intermediate_size, config.dim))         # (I, C)
         self.w_gate_up_int8: Int8Weight | None = None     # made at load (model/quantization.py)
         self.w_down_int8: Int8Weight | None = None
+        self.kernels: KernelChoice | None = None          # the model's kernel choice, set at load
 
     def hf_weights(self) -> dict[str, Tensor]:
         """HF's (out, in) gate_proj / up_proj / down_proj weights, as views into ours."""
@@ -61,8 +62,8 @@ class MLP(nn.Module):
         if (q8 := self.w_gate_up_int8) is not None:
             gate, up = int8_mm(x, self.w_gate_up, q8).chunk(2, dim=-1)   # (N, I) each
             return int8_mm(F.silu(gate) * up, self.w_down, self.w_down_int8, residual)
-        gate, up = (x @ self.w_gate_up).chunk(2, dim=-1)       # (N, I) each
-        return torch.addmm(residual, F.silu(gate) * up, self.w_down)
+        gate, up = dense_mm(x, self.w_gate_up, self.kernels).chunk(2, dim=-1)   # (N, I) each
+        return dense_mm(F.silu(gate) * up, self.w_down, self.kernels, residual)
 
 
 class Block(nn.Module):
@@ -105,6 +106,7 @@ class Transformer(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.lm_head_int8: Int8Weight | None = None       # made at load (model/quantization.py)
+        self.kernel_choice = KernelChoice()                # which kernel runs at which batch size (same)
         cos, sin = rope_tables(config.max_context, config.head_dim, config.rope_theta)
         # (P, 1, hs): a gather by positions (B, T) gives (B, T, 1, hs), ready to broadcast over heads.
         self.register_buffer("rope_cos", cos[:, None], persistent=False)
@@ -206,9 +208,12 @@ class Transformer(nn.Module):
         elif logits_at is not None:
             x = x[torch.arange(x.shape[0], device=x.device), logits_at].unsqueeze(1)
         x = self.norm(x)
-        if self.lm_head_int8 is not None:                       # (B, T, C) → (B·T, C) rows for the kernel
-            B, T, C = x.shape
-            return int8_mm(x.reshape(B * T, C), self.lm_head.weight.t(), self.lm_head_int8).view(B, T, -1).float()
+        rows = x.reshape(-1, x.shape[-1])                       # (…, C) → (N, C) rows for the kernels
+        head = self.lm_head.weight.t()
+        if self.lm_head_int8 is not None:
+            return int8_mm(rows, head, self.lm_head_int8).view(*x.shape[:-1], -1).float()
+        if rows.shape[0] <= self.kernel_choice.gemv_max_rows:
+            return dense_mm(rows, head, self.kernel_choice).view(*x.shape[:-1], -1).float()
         return self.lm_head(x).float()                          # logits leave as float32 for sampling
 
     def logit_lens(self, hidden: Tensor) -> Tensor:
