@@ -47,15 +47,19 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         return None, "no C compiler (cc) on PATH"
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + flags.encode()).hexdigest()[:16]
     path = _cache_dir() / f"gemv-{key}.so"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:      # build aside, then rename: atomic
-            built = Path(tmp) / path.name
-            run = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
-            if run.returncode != 0:
-                return None, f"{compiler} failed on {SOURCE.name}: {run.stderr.strip()[-300:]}"
-            built.replace(path)
-    lib = ctypes.CDLL(str(path))      # after torch: its libgomp is the one already loaded
+    try:
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # build aside, then rename: atomic
+                built = Path(tmp) / path.name
+                run = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)],
+                                     capture_output=True, text=True, timeout=120)
+                if run.returncode != 0:
+                    return None, f"{compiler} failed on {SOURCE.name}: {run.stderr.strip()[-300:]}"
+                built.replace(path)
+        lib = ctypes.CDLL(str(path))  # after torch: its libgomp is the one already loaded
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, f"could not build or load {path}: {e}"
     lib.bf16_gemv.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3
     lib.bf16_gemv.restype = None
     return lib, ""
