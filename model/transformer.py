@@ -208,12 +208,12 @@ class Transformer(nn.Module):
         elif logits_at is not None:
             x = x[torch.arange(x.shape[0], device=x.device), logits_at].unsqueeze(1)
         x = self.norm(x)
-        rows = x.reshape(-1, x.shape[-1])                       # (…, C) → (N, C) rows for the kernels
-        head = self.lm_head.weight.t()
+        rows = x.reshape(-1, x.shape[-1])                       # (…, C) → (N, C) rows for the kernels (N may be 0)
+        head, shape = self.lm_head.weight.t(), (*x.shape[:-1], self.config.vocab_size)
         if self.lm_head_int8 is not None:
-            return int8_mm(rows, head, self.lm_head_int8).view(*x.shape[:-1], -1).float()
+            return int8_mm(rows, head, self.lm_head_int8).view(shape).float()
         if rows.shape[0] <= self.kernel_choice.gemv_max_rows:
-            return dense_mm(rows, head, self.kernel_choice).view(*x.shape[:-1], -1).float()
+            return dense_mm(rows, head, self.kernel_choice).view(shape).float()
         return self.lm_head(x).float()                          # logits leave as float32 for sampling
 
     def logit_lens(self, hidden: Tensor) -> Tensor:

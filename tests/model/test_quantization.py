@@ -15,7 +15,7 @@ from model.checkpoint import load_checkpoint, save_checkpoint
 from model.data import calculator_split
 from model.engine import Engine
 from model.eval import greedy_answers
-from model.events import AttentionSpec, GenerationRequest, Token
+from model.events import AnalysisRequest, AttentionSpec, GenerationRequest, Token
 from model.quantization import Int8Weight, KernelChoice, dense_mm, int8_mm, resolve_dtype, resolve_kv_cache_dtype
 from tests.conftest import tiny_model
 
@@ -88,6 +88,9 @@ def test_the_bf16_kernel_is_used_up_to_its_measured_rows_and_named():
     assert greedy_answers(model, tokenizer, prompts, batch_size=4) == greedy_answers(library, tokenizer, prompts)
     measured, _ = load_checkpoint(CALCULATOR, dtype="bfloat16")
     assert set(measured.kernel_choice.gemv_timings) >= {1}                # measured at load
+    # one token analysed: no position predicts another, so no row goes through the head
+    analyzed = Engine(model, tokenizer, max_batch=1).analyze(AnalysisRequest(ids=[0], logprobs=1))
+    assert analyzed.logprobs == [None]
 
 
 def test_without_the_bf16_kernel_the_library_gemm_runs_and_says_why(monkeypatch):
