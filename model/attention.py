@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model import native
 from model.config import ModelConfig
 from model.kv_cache import CacheIndex, KVCache
 from model.quantization import Int8Weight, KernelChoice, dense_mm, int8_mm
@@ -118,6 +119,10 @@ class Attention(nn.Module):
             k, v = kv.transpose(1, 2).chunk(2, dim=1)           # (B, nkv, T, hs) each
         if need_weights:
             out, weights = explicit_attention(q, k, v, mask)
+        elif at is not None and T == 1 and self.kernels is not None and self.kernels.native_attention \
+                and native.decode_attention_fits(q, k, v):
+            # one decode step: each row attends to its keys 0 … its position (model/native/attention.c)
+            out, weights = native.bf16_decode_attention(q, k, v, at.positions[:, 0] + 1), None
         else:
             out, weights = fast_attention(q, k, v, mask), None
         out = out.transpose(1, 2).reshape(B * T, nh * hs)      # (B·T, C): heads side by side again

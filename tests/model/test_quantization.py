@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import gemv
+from model import native
+from model.attention import explicit_attention
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.data import calculator_split
 from model.engine import Engine
@@ -50,27 +51,47 @@ def test_int8_kernel_equals_dequantised_matmul(rows):
     assert torch.allclose(int8_mm(x, dense, q).float(), reference, atol=0.05, rtol=0.02)
 
 
-needs_gemv = pytest.mark.skipif(not gemv.available(), reason=f"bf16 kernel unavailable: {gemv.unavailable_reason()}")
+needs_native = pytest.mark.skipif(not native.available(),
+                                  reason=f"hand-written kernels unavailable: {native.unavailable_reason()}")
 
 
-@needs_gemv
+@needs_native
 @pytest.mark.parametrize("rows, k, n", [(1, 512, 256), (3, 100, 37), (5, 64, 8), (2, 1376, 70)])
 def test_bf16_gemv_is_the_float32_product_rounded_once(rows, k, n):
     torch.manual_seed(2)
     w = torch.randn(n, k).bfloat16().t()                                # (in, out), (out, in) in memory
     x, residual = torch.randn(rows, k).bfloat16(), torch.randn(rows, n).bfloat16()
-    assert gemv.fits(w) and not gemv.fits(w.contiguous())
+    assert native.fits(w) and not native.fits(w.contiguous())
     for r in (None, residual):
         exact = x.double() @ w.double() + (0 if r is None else r.double())
-        got = gemv.bf16_gemv(x, w, r)
+        got = native.bf16_gemv(x, w, r)
         assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
         # float32 accumulation, one rounding to bf16: within one bf16 step of the exact value
         assert ((got.double() - exact).abs() <= exact.abs() * 2 ** -7 + 1e-4).all()
     # a row's result does not depend on the other rows (batch invariance), ragged K and N included
-    assert torch.equal(gemv.bf16_gemv(x[:1], w), gemv.bf16_gemv(x, w)[:1])
+    assert torch.equal(native.bf16_gemv(x[:1], w), native.bf16_gemv(x, w)[:1])
 
 
-@needs_gemv
+@needs_native
+def test_decode_attention_kernel_is_the_explicit_path_on_a_cache_view():
+    """Ragged rows (each attends to its own length), grouped-query heads, k/v as the engine passes
+    them: views into a cache with more slots and positions than the step uses."""
+    torch.manual_seed(3)
+    B, nh, nkv, hs, S = 5, 8, 2, 64, 40
+    cache = torch.randn(B + 2, 2, nkv, 64, hs).bfloat16()                # (slots, k|v, nkv, max_context, hs)
+    k, v = cache[1: B + 1, :, :, :S].unbind(1)
+    q = torch.randn(B, 1, nh + 2 * nkv, hs).bfloat16()[:, :, :nh].transpose(1, 2)   # (B, nh, 1, hs) view
+    lengths = torch.tensor([40, 3, 17, 40, 1])
+    assert native.decode_attention_fits(q, k, v)
+    got = native.bf16_decode_attention(q, k, v, lengths)
+    mask = (torch.arange(S)[None] < lengths[:, None])[:, None, None, :]
+    reference, _ = explicit_attention(q, k, v, mask)
+    assert got.shape == reference.shape == (B, nh, 1, hs) and got.dtype == torch.bfloat16
+    assert (got.float() - reference.float()).abs().max() <= 2 ** -7 * reference.abs().max()
+    assert not native.decode_attention_fits(q.float(), k.float(), v.float())
+
+
+@needs_native
 def test_the_bf16_kernel_is_used_up_to_its_measured_rows_and_named():
     model, tokenizer = load_checkpoint(CALCULATOR, dtype="bfloat16", gemv_max_rows=4)
     library, _ = load_checkpoint(CALCULATOR, dtype="bfloat16", gemv_max_rows=0)
@@ -78,11 +99,12 @@ def test_the_bf16_kernel_is_used_up_to_its_measured_rows_and_named():
     assert model.layers[0].mlp.kernels is choice and model.layers[0].self_attn.kernels is choice
     x = torch.randn(3, model.config.dim).bfloat16()
     w = model.layers[0].mlp.w_gate_up
-    assert torch.equal(dense_mm(x, w, choice), gemv.bf16_gemv(x, w))   # 3 rows <= 4: the kernel
+    assert torch.equal(dense_mm(x, w, choice), native.bf16_gemv(x, w))   # 3 rows <= 4: the kernel
     choice_off = library.kernel_choice
     assert torch.equal(dense_mm(x, w, choice_off), x @ w)               # 0: the library GEMM
     info = Engine(model, tokenizer, max_batch=1).weights_info
     assert info["kernels"]["rows <= 4"].startswith("bf16 matrix-vector") and "rows > 4" in info["kernels"]
+    assert info["decode_attention"].startswith("hand-written")
     # the whole model: the same greedy answers either way, on held-out calculator problems
     prompts = [p.prompt for p in calculator_split()[2][:60]]
     assert greedy_answers(model, tokenizer, prompts, batch_size=4) == greedy_answers(library, tokenizer, prompts)
@@ -95,13 +117,14 @@ def test_the_bf16_kernel_is_used_up_to_its_measured_rows_and_named():
 
 def test_without_the_bf16_kernel_the_library_gemm_runs_and_says_why(monkeypatch):
     import model.quantization as quantization
-    monkeypatch.setattr(quantization.gemv, "available", lambda: False)
-    monkeypatch.setattr(quantization.gemv, "unavailable_reason", lambda: "no C compiler (cc) on PATH")
+    monkeypatch.setattr(quantization.native, "available", lambda: False)
+    monkeypatch.setattr(quantization.native, "unavailable_reason", lambda: "no C compiler (cc) on PATH")
     model, tokenizer = load_checkpoint(CALCULATOR, dtype="bfloat16")
     assert model.kernel_choice.gemv_max_rows == 0
     info = Engine(model, tokenizer, max_batch=1).weights_info
     assert info["kernels"] == {"all rows": "bfloat16 GEMM, weights (out, in)"}
     assert info["gemv_unavailable"] == "no C compiler (cc) on PATH"
+    assert info["decode_attention"] == "PyTorch SDPA" and not model.kernel_choice.native_attention
     ids = [e.id for e in Engine(model, tokenizer, max_batch=1).generate(
         GenerationRequest(prompt_ids=tokenizer.encode("two plus three equals"), max_tokens=4)) if isinstance(e, Token)]
     assert tokenizer.decode(ids) == " five"
