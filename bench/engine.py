@@ -65,6 +65,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import Row, describe_machine, interleaved, print_table, random_checkpoint
+from model import native
 from model.attention import Attention, fast_attention
 from model.checkpoint import load_checkpoint
 from model.engine import Engine
@@ -321,7 +322,11 @@ class NoCaptureAttention(Attention):
                 k, v = k.to(q.dtype), v.to(q.dtype)
         else:
             k, v = kv.transpose(1, 2).chunk(2, dim=1)
-        out = fast_attention(q, k, v, mask)
+        if at is not None and T == 1 and self.kernels is not None and self.kernels.native_attention \
+                and native.decode_attention_fits(q, k, v):
+            out = native.bf16_decode_attention(q, k, v, at.positions[:, 0] + 1)
+        else:
+            out = fast_attention(q, k, v, mask)
         out = out.transpose(1, 2).reshape(B * T, nh * hs)
         if (o8 := self.w_o_int8) is not None:
             return int8_mm(out, self.w_o, o8, residual)
