@@ -101,7 +101,7 @@ class KernelChoice:
     gemv_max_rows: int = 0
     timings: dict[int, tuple[float, float]] | None = None
     gemv_timings: dict[int, tuple[float, float]] | None = None
-    gemv_unavailable: str = ""       # why the hand-written kernels are not used, where they could be
+    native_unavailable: str = ""     # why the hand-written kernels are not used, where they could be
     native_attention: bool = False   # decode steps' attention on model/native/attention.c (bf16)
 
 
@@ -203,7 +203,7 @@ def apply_weights(model: nn.Module, *, dtype: torch.dtype, quantization: str = "
     if dtype == torch.bfloat16 and device.type == "cpu":
         choice.native_attention = native.available()    # measured 2.5–14× faster than bf16 SDPA, 1–32 rows
         if not native.available():
-            choice.gemv_unavailable = native.unavailable_reason()
+            choice.native_unavailable = native.unavailable_reason()
         elif gemv_max_rows is not None:
             choice.gemv_max_rows = gemv_max_rows
         else:
@@ -276,8 +276,8 @@ def weights_info(model: nn.Module) -> dict:
                            for kernel, t in measured.items() if t}
     info["decode_attention"] = ("hand-written bf16 (model/native/attention.c)" if choice.native_attention
                                 else "PyTorch SDPA")
-    if choice.gemv_unavailable:
-        info["gemv_unavailable"] = choice.gemv_unavailable
+    if choice.native_unavailable:
+        info["native_unavailable"] = choice.native_unavailable
     return info
 
 

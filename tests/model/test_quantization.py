@@ -123,7 +123,7 @@ def test_without_the_bf16_kernel_the_library_gemm_runs_and_says_why(monkeypatch)
     assert model.kernel_choice.gemv_max_rows == 0
     info = Engine(model, tokenizer, max_batch=1).weights_info
     assert info["kernels"] == {"all rows": "bfloat16 GEMM, weights (out, in)"}
-    assert info["gemv_unavailable"] == "no C compiler (cc) on PATH"
+    assert info["native_unavailable"] == "no C compiler (cc) on PATH"
     assert info["decode_attention"] == "PyTorch SDPA" and not model.kernel_choice.native_attention
     ids = [e.id for e in Engine(model, tokenizer, max_batch=1).generate(
         GenerationRequest(prompt_ids=tokenizer.encode("two plus three equals"), max_tokens=4)) if isinstance(e, Token)]
