@@ -324,7 +324,7 @@ class NoCaptureAttention(Attention):
             k, v = kv.transpose(1, 2).chunk(2, dim=1)
         if at is not None and T == 1 and self.kernels is not None and self.kernels.native_attention \
                 and native.decode_attention_fits(q, k, v):
-            out = native.bf16_decode_attention(q, k, v, at.positions[:, 0] + 1)
+            out = native.bf16_decode_attention(q, k, v, at.lengths)
         else:
             out = fast_attention(q, k, v, mask)
         out = out.transpose(1, 2).reshape(B * T, nh * hs)

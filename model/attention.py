@@ -122,7 +122,7 @@ class Attention(nn.Module):
         elif at is not None and T == 1 and self.kernels is not None and self.kernels.native_attention \
                 and native.decode_attention_fits(q, k, v):
             # one decode step: each row attends to its keys 0 … its position (model/native/attention.c)
-            out, weights = native.bf16_decode_attention(q, k, v, at.positions[:, 0] + 1), None
+            out, weights = native.bf16_decode_attention(q, k, v, at.lengths), None
         else:
             out, weights = fast_attention(q, k, v, mask), None
         out = out.transpose(1, 2).reshape(B * T, nh * hs)      # (B·T, C): heads side by side again

@@ -27,6 +27,7 @@ class CacheIndex:
     rows: Tensor        # (B, 1) slot numbers, broadcast against positions
     positions: Tensor   # (B, T) positions the new keys/values go to
     kv_len: int         # every row reads back its slot's positions 0 … kv_len-1
+    lengths: Tensor     # (B,) keys each row's last query sees: its last position + 1
 
 
 class KVCache(nn.Module):
@@ -49,7 +50,7 @@ class KVCache(nn.Module):
 
     def index(self, slots: Slots, positions: Tensor, kv_len: int) -> CacheIndex:
         rows = self._slot_ids[slots] if isinstance(slots, slice) else slots[:, None]
-        return CacheIndex(slots, rows, positions, kv_len)
+        return CacheIndex(slots, rows, positions, kv_len, positions[:, -1] + 1)
 
     def update(self, layer: int, at: CacheIndex, kv: Tensor) -> tuple[Tensor, Tensor]:
         """Write kv (B, T, 2·nkv, hs), the new keys then values, at `at.positions` of `at.slots`
