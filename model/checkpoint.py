@@ -47,12 +47,13 @@ def save_checkpoint(model: Transformer, tokenizer: Tokenizer | None, directory: 
 
 def load_checkpoint(directory: str | Path, *, device: str | torch.device = "cpu",
                     dtype: str | torch.dtype = torch.float32, quantization: str = "none",
-                    int8_max_rows: int | None = None, gemv_max_rows: int | None = None
-                    ) -> tuple[Transformer, Tokenizer]:
+                    int8_max_rows: int | None = None, gemv_max_rows: int | None = None,
+                    fused_max_rows: int | None = None) -> tuple[Transformer, Tokenizer]:
     """The model in `dtype` ("auto", "float32", "bfloat16" or a torch dtype; float32 by default,
     for exact comparisons) with `quantization` ("none" or "int8", weight-only, made here from the
-    checkpoint's float weights) — see model/quantization.py. int8_max_rows / gemv_max_rows fix the
-    batch size up to which the int8 / bf16 matrix-vector kernel runs instead of measuring it."""
+    checkpoint's float weights) — see model/quantization.py. int8_max_rows / gemv_max_rows /
+    fused_max_rows fix the batch size up to which the int8 / bf16 matrix-vector kernel / the fused
+    decode step (model/decode_step.py) runs instead of measuring it."""
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise CheckpointError(f"{directory} is not a checkpoint directory: no config.json")
@@ -63,7 +64,7 @@ def load_checkpoint(directory: str | Path, *, device: str | torch.device = "cpu"
     tokenizer = Tokenizer.from_dir(directory)
     model.to(device=device)
     apply_weights(model, dtype=compute, quantization=quantization, int8_max_rows=int8_max_rows,
-                  gemv_max_rows=gemv_max_rows)
+                  gemv_max_rows=gemv_max_rows, fused_max_rows=fused_max_rows)
     return model.eval(), tokenizer
 
 

@@ -1,7 +1,9 @@
 """Hand-written CPU kernels for the decode step (model/native/*.c), compiled on first use.
 
-    gemv.c        y = x @ w (+ residual) for a few rows of bf16 activations
+    kernels.h     the arithmetic they share (dot products, the int8 block, one query's attention)
+    gemv.c        y = x @ w (+ residual) for a few rows of bf16 activations; bf16 or int8 weights
     attention.c   one query per row and head against its cached bf16 keys and values
+    decode.c      a whole decode step, embedding to logits (model/decode_step.py)
 
 Built with the system C compiler (`cc -O3 -march=native -fopenmp`) into one shared library in a
 cache directory ($ATTNSERVE_CACHE, else ~/.cache/attnserve), keyed by the sources and the CPU's
@@ -26,6 +28,7 @@ import torch
 from torch import Tensor
 
 SOURCES = sorted((Path(__file__).parent / "native").glob("*.c"))
+HEADERS = sorted((Path(__file__).parent / "native").glob("*.h"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC")
 
 
@@ -49,7 +52,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
         return None, "no C compiler (cc) on PATH"
-    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join(FLAGS).encode()
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS) + " ".join(FLAGS).encode()
                          + flags.encode()).hexdigest()[:16]
     path = _cache_dir() / f"kernels-{key}.so"
     try:
@@ -69,6 +72,10 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.bf16_gemv.restype = None
     lib.bf16_decode_attention.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_long] * 9
     lib.bf16_decode_attention.restype = None
+    lib.int8_gemv.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_long] * 3
+    lib.int8_gemv.restype = None
+    lib.bf16_decode_step.argtypes = [ctypes.c_void_p] * 2
+    lib.bf16_decode_step.restype = None
     return lib, ""
 
 
@@ -95,6 +102,23 @@ def bf16_gemv(x: Tensor, w: Tensor, residual: Tensor | None = None) -> Tensor:
     y = torch.empty(M, N, dtype=torch.bfloat16)
     lib.bf16_gemv(x.data_ptr(), w.data_ptr(), None if residual is None else residual.data_ptr(), y.data_ptr(), M, N, K)
     return y
+
+
+def int8_gemv(x: Tensor, q: Tensor, scales: Tensor, residual: Tensor | None = None) -> Tensor:
+    """x (M, in) bf16 @ (scales[:, None] · q)ᵀ [+ residual (M, out)] → (M, out) bf16, with q (out, in)
+    int8 and scales (out,) bf16, contiguous: weight-only int8 (kernels.h)."""
+    M, K = x.shape
+    N = q.shape[0]
+    y = torch.empty(M, N, dtype=torch.bfloat16)
+    work = torch.empty(M, K, dtype=torch.float32)
+    _load()[0].int8_gemv(x.data_ptr(), q.data_ptr(), scales.data_ptr(),
+                         None if residual is None else residual.data_ptr(), y.data_ptr(), work.data_ptr(), M, N, K)
+    return y
+
+
+def decode_step(model_struct, step_struct) -> None:
+    """model/native/decode.c's bf16_decode_step on ctypes structures (model/decode_step.py)."""
+    _load()[0].bf16_decode_step(ctypes.addressof(model_struct), ctypes.addressof(step_struct))
 
 
 def decode_attention_fits(q: Tensor, k: Tensor, v: Tensor) -> bool:

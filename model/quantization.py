@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from model import native
+from model.decode_step import FusedDecode
 from model.native import bf16_gemv
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -103,6 +104,8 @@ class KernelChoice:
     gemv_timings: dict[int, tuple[float, float]] | None = None
     native_unavailable: str = ""     # why the hand-written kernels are not used, where they could be
     native_attention: bool = False   # decode steps' attention on model/native/attention.c (bf16)
+    fused_max_rows: int = 0          # decode steps of up to this many rows run as one native call
+    fused_timings: dict[int, tuple[float, float]] | None = None   # ms per step: (fused, Python path)
 
 
 class Int8Weight(nn.Module):
@@ -132,12 +135,17 @@ class Int8Weight(nn.Module):
         """scale · q as (out, in) in `dtype`: the numbers the int8 kernel multiplies by."""
         return (self.weight.float() * self.scales.float()[:, None]).to(dtype)
 
-    def mm(self, x: Tensor) -> Tensor:
-        """x (N, in) → x @ dequantised.T (N, out) on the int8 kernel (bf16 activations, output in
-        x's dtype)."""
+    def mm(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """x (N, in) → x @ dequantised.T [+ residual] (N, out) on the int8 kernel (bf16 activations,
+        output in x's dtype): the hand-written one (model/native/gemv.c, the residual added before
+        its one rounding) where it builds, else PyTorch's."""
+        if native.available() and x.dtype == torch.bfloat16 and (residual is None or residual.is_contiguous()):
+            return native.int8_gemv(x.contiguous(), self.weight, self.scales, residual)
         if x.dtype == torch.bfloat16:       # (no .to() calls: each costs ~2 µs even as a no-op)
-            return torch._weight_int8pack_mm(x, self.weight, self.scales)
-        return torch._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scales).to(x.dtype)
+            y = torch._weight_int8pack_mm(x, self.weight, self.scales)
+        else:
+            y = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scales).to(x.dtype)
+        return y if residual is None else y.add_(residual)
 
 
 def dense_mm(x: Tensor, w: Tensor, choice: KernelChoice | None, residual: Tensor | None = None) -> Tensor:
@@ -152,8 +160,7 @@ def int8_mm(x: Tensor, w: Tensor, q: Int8Weight, residual: Tensor | None = None)
     """x (N, in) @ w (in, out) [+ residual]: the int8 kernel for small N, else the dense path over
     `w`, which holds the dequantised weights in the compute dtype."""
     if x.shape[0] <= q.choice.int8_max_rows:
-        y = q.mm(x)
-        return y if residual is None else y.add_(residual)
+        return q.mm(x, residual)
     return dense_mm(x, w, q.choice, residual)
 
 
@@ -167,9 +174,11 @@ def _projections(model: nn.Module) -> list[tuple[nn.Module, str]]:
 
 
 def apply_weights(model: nn.Module, *, dtype: torch.dtype, quantization: str = "none",
-                  int8_max_rows: int | None = None, gemv_max_rows: int | None = None) -> None:
+                  int8_max_rows: int | None = None, gemv_max_rows: int | None = None,
+                  fused_max_rows: int | None = None) -> None:
     """Turn a float32 model (filled from its checkpoint) into `dtype` with `quantization`, in place.
-    int8_max_rows / gemv_max_rows: force a kernel's boundary instead of measuring it (tests)."""
+    int8_max_rows / gemv_max_rows / fused_max_rows: force a kernel's boundary instead of measuring
+    it (tests)."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     device = model.embed_tokens.weight.device
@@ -212,6 +221,14 @@ def apply_weights(model: nn.Module, *, dtype: torch.dtype, quantization: str = "
         choice.int8_max_rows = int8_max_rows if int8_max_rows is not None else -1
         if int8_max_rows is None:
             choice.int8_max_rows, choice.timings = measure_rows(model, "int8")
+    if FusedDecode.supports(model):
+        fused = FusedDecode(model, max_rows=MEASURED_ROWS[-1])
+        if fused_max_rows is None:
+            fused.max_rows, choice.fused_timings = measure_fused_rows(model, fused)
+        else:
+            fused.max_rows = fused_max_rows
+        choice.fused_max_rows = fused.max_rows
+        model.fused_decode = fused if fused.max_rows > 0 else None
 
 
 @torch.inference_mode()
@@ -252,6 +269,46 @@ def measure_rows(model: nn.Module, kernel: Literal["int8", "gemv"], *, reps: int
     return best_rows, timings
 
 
+@torch.inference_mode()
+def measure_fused_rows(model: nn.Module, fused: FusedDecode, *, reps: int = 5, context: int = 64
+                       ) -> tuple[int, dict[int, tuple[float, float]]]:
+    """Time whole decode steps, the fused native one against the Python path (its kernels as
+    chosen above), at each batch size in MEASURED_ROWS, deciding as `measure_rows` does; each step
+    writes and reads a scratch cache at position context - 1."""
+    timings, best_rows = {}, 0
+    for rows in MEASURED_ROWS:
+        passes = _decode_steps(model, fused, rows, min(context, model.config.max_context))
+        seconds: dict[str, list[float]] = {name: [] for name in passes}
+        for rep in range(reps + 1):                     # the first round warms up
+            for name, fn in passes.items():
+                start = time.perf_counter()
+                fn()
+                if rep:
+                    seconds[name].append(time.perf_counter() - start)
+        ratio = statistics.median(a / b for a, b in zip(seconds["fused"], seconds["python"]))
+        timings[rows] = tuple(statistics.median(seconds[name]) * 1e3 for name in passes)
+        if ratio >= 1:
+            break
+        best_rows = rows
+    return best_rows, timings
+
+
+def _decode_steps(model: nn.Module, fused: FusedDecode, rows: int, context: int) -> dict:
+    """{"fused": one fused decode step, "python": the same step on the Python path} of `rows` rows."""
+    cache = model.new_cache(rows, context)
+    tokens, positions = torch.zeros(rows, 1, dtype=torch.long), torch.full((rows, 1), context - 1)
+    slots = slice(0, rows)
+
+    def python_step() -> None:
+        model.fused_decode = None
+        try:
+            model(tokens, positions=positions, cache=cache, slots=slots)
+        finally:
+            model.fused_decode = fused
+
+    return {"fused": lambda: fused(tokens, positions, cache, slots, (), ()), "python": python_step}
+
+
 def weights_info(model: nn.Module) -> dict:
     """A JSON-able description of the model's weights and kernels (for logs and /v1/models)."""
     dtype = dtype_name(getattr(model, "weights_dtype", torch.float32))
@@ -261,7 +318,8 @@ def weights_info(model: nn.Module) -> dict:
     if quantization == "int8":
         dense += " (dequantised int8)"
     # Batch-size ranges, smallest first: the int8 kernel, then the bf16 kernel, then the library GEMM.
-    ranges = [(choice.int8_max_rows if quantization == "int8" else 0, "int8 _weight_int8pack_mm (bf16 activations)"),
+    int8_kernel = ("hand-written (model/native/gemv.c)" if native.available() else "_weight_int8pack_mm")
+    ranges = [(choice.int8_max_rows if quantization == "int8" else 0, f"int8 {int8_kernel} (bf16 activations)"),
               (choice.gemv_max_rows, "bf16 matrix-vector, hand-written (model/native/gemv.c, AVX512-BF16)")]
     kernels, low = {}, 1
     for high, name in ranges:
@@ -274,6 +332,12 @@ def weights_info(model: nn.Module) -> dict:
     measured = {"int8": choice.timings if quantization == "int8" else None, "gemv": choice.gemv_timings}
     info["measured_ms"] = {kernel: {str(r): {kernel: round(a, 3), "dense": round(b, 3)} for r, (a, b) in t.items()}
                            for kernel, t in measured.items() if t}
+    if choice.fused_timings:
+        info["measured_ms"]["decode_step"] = {str(r): {"fused": round(a, 3), "python": round(b, 3)}
+                                              for r, (a, b) in choice.fused_timings.items()}
+    fused = choice.fused_max_rows if getattr(model, "fused_decode", None) is not None else 0
+    info["decode_step"] = (f"rows <= {fused}: one native call (model/native/decode.c), larger: the layers in PyTorch"
+                           if fused else "the layers in PyTorch")
     info["decode_attention"] = ("hand-written bf16 (model/native/attention.c)" if choice.native_attention
                                 else "PyTorch SDPA")
     if choice.native_unavailable:

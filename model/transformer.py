@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from model.attention import Attention
 from model.config import ModelConfig
+from model.decode_step import FusedDecode
 from model.kv_cache import CacheIndex, KVCache, Slots
 from model.quantization import Int8Weight, KernelChoice, dense_mm, int8_mm
 from model.rope import rope_tables
@@ -107,6 +108,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.lm_head_int8: Int8Weight | None = None       # made at load (model/quantization.py)
         self.kernel_choice = KernelChoice()                # which kernel runs at which batch size (same)
+        self.fused_decode: FusedDecode | None = None       # the whole decode step in one native call (same)
         cos, sin = rope_tables(config.max_context, config.head_dim, config.rope_theta)
         # (P, 1, hs): a gather by positions (B, T) gives (B, T, 1, hs), ready to broadcast over heads.
         self.register_buffer("rope_cos", cos[:, None], persistent=False)
@@ -167,6 +169,10 @@ class Transformer(nn.Module):
         every row (-1: the last), or a (B,) tensor (rows right-padded to different lengths).
         """
         B, T = tokens.shape
+        fused = self.fused_decode
+        if (fused is not None and cache is not None and T == 1 and positions is not None
+                and not isinstance(logits_at, Tensor) and fused.fits(B, cache)):
+            return ModelOutput(*fused(tokens, positions, cache, slots, attn_layers, hidden_layers))
         cos, sin, mask, at = self._prepare(tokens, positions, cache, slots)
         x = self.embed_tokens(tokens.reshape(B * T))              # (B·T, C): one row per token
         attentions, hidden = {}, {}

@@ -1,0 +1,140 @@
+"""The decode step as one native call: every layer of a bf16 model for B rows of one new token each.
+
+`Transformer.forward` hands a decode step here (a KV cache, one token per row, few enough rows)
+when the model has a `FusedDecode` — made at load (model/quantization.py) for bf16 models on a CPU
+where model/native builds. model/native/decode.c computes what the Python path computes, rounding
+where it rounds; it writes the KV cache in place and returns what `ModelOutput` holds: float32
+logits, and the asked-for layers' attention probabilities (float32) and outputs (for the logit lens).
+
+What it saves is the Python path's ~150 small ops a step, each a few microseconds: at batch 1 on
+the bench model, as long as the weight products themselves.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Collection
+
+import torch
+from torch import Tensor
+
+from model import native
+from model.kv_cache import KVCache, Slots
+
+_ptr, _long = ctypes.c_void_p, ctypes.c_long
+SCRATCH = ("x", "xn", "qkv", "att", "gu", "h", "out", "xf", "scores")   # decode.c's Step, in its order
+
+
+class _Mat(ctypes.Structure):
+    _fields_ = [("w", _ptr), ("q", _ptr), ("scales", _ptr)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("attn_norm", _ptr), ("mlp_norm", _ptr), ("qkv", _Mat), ("o", _Mat), ("gate_up", _Mat), ("down", _Mat)]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [(name, _long) for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "intermediate",
+                                           "vocab")] + \
+               [("eps", ctypes.c_float), ("embed", _ptr), ("final_norm", _ptr), ("rope_cos", _ptr), ("rope_sin", _ptr),
+                ("head", _Mat), ("layers", ctypes.POINTER(_Layer))]
+
+
+class _Step(ctypes.Structure):
+    _fields_ = [("B", _long), ("tokens", _ptr), ("positions", _ptr), ("slots", _ptr), ("kv", _ptr),
+                ("max_batch", _long), ("max_context", _long), ("int8", ctypes.c_int), ("logits", _ptr),
+                ("attn", _ptr), ("attn_len", _long), ("attn_layers", _ptr),
+                ("hidden", _ptr), ("hidden_layers", _ptr)] + [(name, _ptr) for name in SCRATCH]
+
+
+def _mat(dense: Tensor, q8) -> _Mat:
+    """A projection as decode.c reads it: the bf16 matrix ((in, out) in shape, (out, in) in memory:
+    native.fits) and, if quantised, its int8 copy."""
+    return _Mat(dense.data_ptr(), q8.weight.data_ptr() if q8 is not None else None,
+                q8.scales.data_ptr() if q8 is not None else None)
+
+
+class FusedDecode:
+    """A bf16 model's weights as decode.c's structures (pointers into the model's own tensors, which
+    never move after load), and the step's scratch memory, grown to the largest call seen. One call
+    at a time (an engine steps its model from one thread)."""
+
+    def __init__(self, model, max_rows: int):
+        c = model.config
+        self.model, self.max_rows = model, max_rows
+        self.int8 = getattr(model, "quantization", "none") == "int8"
+        layers = []
+        for block in model.layers:
+            attn, mlp = block.self_attn, block.mlp
+            layers.append(_Layer(block.input_layernorm.weight.data_ptr(),
+                                 block.post_attention_layernorm.weight.data_ptr(),
+                                 _mat(attn.w_qkv, attn.w_qkv_int8), _mat(attn.w_o, attn.w_o_int8),
+                                 _mat(mlp.w_gate_up, mlp.w_gate_up_int8), _mat(mlp.w_down, mlp.w_down_int8)))
+        self._layers = (_Layer * len(layers))(*layers)
+        self._model = _Model(c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.intermediate_size,
+                             c.vocab_size, c.norm_eps, model.embed_tokens.weight.data_ptr(),
+                             model.norm.weight.data_ptr(), model.rope_cos.data_ptr(), model.rope_sin.data_ptr(),
+                             _mat(model.lm_head.weight, model.lm_head_int8), self._layers)   # head: (V, C)
+        self._scratch: dict[str, Tensor] = {}
+        self._scratch_for = (0, 0)
+        self._embed = model.embed_tokens.weight.data_ptr()   # moved (model.to(...)): the pointers are stale
+
+    @staticmethod
+    def supports(model) -> bool:
+        """Whether decode.c can run this model: bf16 weights laid out (out, in), hs a multiple of 32."""
+        c = model.config
+        projections = [w for b in model.layers
+                       for w in (b.self_attn.w_qkv, b.self_attn.w_o, b.mlp.w_gate_up, b.mlp.w_down)]
+        return (native.available() and model.embed_tokens.weight.dtype == torch.bfloat16
+                and all(native.fits(w) for w in projections) and model.lm_head.weight.is_contiguous()
+                and c.head_dim % 32 == 0 and c.head_dim <= 256 and c.n_heads % c.n_kv_heads == 0
+                and model.rope_cos.dtype == torch.bfloat16 and model.rope_cos.is_contiguous())
+
+    def fits(self, rows: int, cache: KVCache) -> bool:
+        return (rows <= self.max_rows and cache.kv.dtype == torch.bfloat16 and cache.kv.is_contiguous()
+                and self.model.embed_tokens.weight.data_ptr() == self._embed)
+
+    def _buffers(self, rows: int, context: int) -> dict[str, Tensor]:
+        if rows > self._scratch_for[0] or context > self._scratch_for[1]:
+            c = self.model.config
+            rows, context = max(rows, self._scratch_for[0]), max(context, self._scratch_for[1])
+            bf16 = {"x": c.dim, "xn": c.dim, "att": c.dim, "qkv": (c.n_heads + 2 * c.n_kv_heads) * c.head_dim,
+                    "gu": 2 * c.intermediate_size, "h": c.intermediate_size, "out": c.vocab_size}
+            self._scratch = {name: torch.empty(rows * n, dtype=torch.bfloat16) for name, n in bf16.items()}
+            self._scratch["xf"] = torch.empty(rows * max(c.dim, c.intermediate_size))
+            self._scratch["scores"] = torch.empty(rows * c.n_heads * context)
+            self._scratch_for = (rows, context)
+        return self._scratch
+
+    def __call__(self, tokens: Tensor, positions: Tensor, cache: KVCache, slots: Slots,
+                 attn_layers: Collection[int], hidden_layers: Collection[int]
+                 ) -> tuple[Tensor, dict[int, Tensor], dict[int, Tensor]]:
+        """tokens and positions (B, 1) → (logits (B, 1, V), attentions, hidden): model.forward's
+        ModelOutput fields for the same call."""
+        c = self.model.config
+        B = tokens.shape[0]
+        rows = torch.arange(slots.start, slots.start + B) if isinstance(slots, slice) else slots
+        tokens, positions, rows = tokens.reshape(B).contiguous(), positions.reshape(B).contiguous(), rows.contiguous()
+        kv_len = int(positions.max()) + 1
+        if kv_len > cache.max_context:
+            raise ValueError(f"position {kv_len - 1} is beyond the cache's max_context={cache.max_context}")
+        scratch = self._buffers(B, cache.max_context)
+        logits = torch.empty(B, c.vocab_size)
+        attn = hidden = None
+        attn_mask = hidden_mask = None
+        if attn_layers:
+            attn = torch.empty(c.n_layers, B, c.n_heads, kv_len)
+            attn_mask = torch.tensor([i in attn_layers for i in range(c.n_layers)], dtype=torch.uint8)
+        if hidden_layers:
+            hidden = torch.empty(c.n_layers, B, c.dim, dtype=torch.bfloat16)
+            hidden_mask = torch.tensor([i in hidden_layers for i in range(c.n_layers)], dtype=torch.uint8)
+        ptr = lambda t: None if t is None else t.data_ptr()
+        int8 = self.int8 and self.model.kernel_choice.int8_max_rows >= B     # as the Python path's int8_mm
+        step = _Step(B, tokens.data_ptr(), positions.data_ptr(), rows.data_ptr(), cache.kv.data_ptr(),
+                     cache.max_batch, cache.max_context, int(int8), logits.data_ptr(),
+                     ptr(attn), kv_len, ptr(attn_mask), ptr(hidden), ptr(hidden_mask),
+                     *(scratch[name].data_ptr() for name in SCRATCH))
+        native.decode_step(self._model, step)
+        return (logits.view(B, 1, c.vocab_size),
+                {i: attn[i].view(B, c.n_heads, 1, kv_len) for i in attn_layers} if attn_layers else {},
+                {i: hidden[i].view(B, 1, c.dim) for i in hidden_layers} if hidden_layers else {})

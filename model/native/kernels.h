@@ -1,0 +1,173 @@
+/* The arithmetic the decode kernels share (gemv.c, attention.c, decode.c), inlined into each.
+
+   Numbers: bf16 stored as uint16_t; every dot product accumulates in float32 and is rounded once
+   to bf16 (round to nearest even, as torch), so a row's result does not depend on the other rows
+   of its batch. */
+
+#ifndef ATTNSERVE_KERNELS_H
+#define ATTNSERVE_KERNELS_H
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define NB 8      /* output channels per block of the bf16 matrix-vector product */
+#define NB8 8     /* … of the int8 one */
+
+static inline float bf16_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_bf16(float f) { /* round to nearest even (inputs here are finite) */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+static inline __m512 load_bf16x16(const uint16_t *p) { /* 16 bf16 → 16 float32: a 16-bit shift */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+static inline __m512 load_bf16x16_masked(const uint16_t *p, __mmask16 m) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+static inline __mmask16 tail16(long left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1); }
+
+/* Σ_k x[k] w[k] over K bf16 pairs, in float32 (vdpbf16ps: pairs of bf16 products into float32). */
+static inline float dot_bf16(const uint16_t *x, const uint16_t *w, long K) {
+    __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();   /* two chains: vdpbf16ps latency */
+    long k = 0;
+    for (; k + 64 <= K; k += 64) {
+        a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(w + k), (__m512bh)_mm512_loadu_si512(x + k));
+        b = _mm512_dpbf16_ps(b, (__m512bh)_mm512_loadu_si512(w + k + 32), (__m512bh)_mm512_loadu_si512(x + k + 32));
+    }
+    for (; k < K; k += 32) { /* the last K % 64: masked loads read nothing past the row */
+        __mmask32 m = K - k >= 32 ? (__mmask32)~0u : (__mmask32)((1u << (K - k)) - 1);
+        a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_maskz_loadu_epi16(m, w + k), (__m512bh)_mm512_maskz_loadu_epi16(m, x + k));
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+}
+
+/* y[m, n] = x[m] · w[n] (+ r[m, n]) for the NB (or fewer, at the end) channels from n0, all M rows:
+   w (N, K) bf16 row-major, x (M, K), r and y (M, N). */
+static inline void bf16_block(const uint16_t *x, const uint16_t *w, const uint16_t *r, uint16_t *y,
+                              long M, long N, long K, long n0) {
+    const int nb = N - n0 < NB ? (int)(N - n0) : NB;
+    for (long m = 0; m < M; m++)
+        for (int j = 0; j < nb; j++) {
+            float v = dot_bf16(x + m * K, w + (n0 + j) * K, K);
+            if (r)
+                v += bf16_f32(r[m * N + n0 + j]);
+            y[m * N + n0 + j] = f32_bf16(v);
+        }
+}
+
+/* The int8 weight-only product for MB rows from m0 and NJ channels from n0 (MB · NJ ≤ 16 float32
+   accumulators): y[m, n] = scale[n] · Σ_k xf[m, k] q[n, k] (+ r[m, n]), q (N, K) int8, xf (M, K)
+   float32 (the activations, converted once per matrix), scales (N,) bf16. The int8 weights become
+   float32 in registers (exact), so the sum is the dequantised product's up to float32 rounding.
+   Channels past N and rows past M are computed on a stand-in and dropped. */
+static inline __attribute__((always_inline)) void int8_block(
+        const float *xf, const int8_t *q, const uint16_t *scales, const uint16_t *r, uint16_t *y,
+        long M, long N, long K, long m0, long n0, const int MB, const int NJ) {
+    const int8_t *wp[NB8];
+    const float *xp[4];
+    for (int j = 0; j < NJ; j++)
+        wp[j] = q + (n0 + j < N ? n0 + j : n0) * K;
+    for (int i = 0; i < MB; i++)
+        xp[i] = xf + (m0 + i < M ? m0 + i : m0) * K;
+    __m512 acc[4][NB8];
+    for (int i = 0; i < MB; i++)
+        for (int j = 0; j < NJ; j++)
+            acc[i][j] = _mm512_setzero_ps();
+    long k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m512 w[NB8];
+        for (int j = 0; j < NJ; j++)
+            w[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(wp[j] + k))));
+        for (int i = 0; i < MB; i++) {
+            const __m512 xv = _mm512_loadu_ps(xp[i] + k);
+            for (int j = 0; j < NJ; j++)
+                acc[i][j] = _mm512_fmadd_ps(w[j], xv, acc[i][j]);
+        }
+    }
+    if (k < K) {                                   /* the last K % 16, masked */
+        const __mmask16 m = tail16(K - k);
+        for (int j = 0; j < NJ; j++) {
+            const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, wp[j] + k)));
+            for (int i = 0; i < MB; i++)
+                acc[i][j] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m, xp[i] + k), acc[i][j]);
+        }
+    }
+    for (int i = 0; i < MB && m0 + i < M; i++)
+        for (int j = 0; j < NJ && n0 + j < N; j++) {
+            const long o = (m0 + i) * N + n0 + j;
+            float v = _mm512_reduce_add_ps(acc[i][j]) * bf16_f32(scales[n0 + j]);
+            if (r)
+                v += bf16_f32(r[o]);
+            y[o] = f32_bf16(v);
+        }
+}
+
+/* All M rows of NB8 channels from n0: blocks of 4 rows (two halves of the channels), then 2 and 1. */
+static inline void int8_channels(const float *xf, const int8_t *q, const uint16_t *scales, const uint16_t *r,
+                                 uint16_t *y, long M, long N, long K, long n0) {
+    long m0 = 0;
+    for (; m0 + 4 <= M; m0 += 4) {
+        int8_block(xf, q, scales, r, y, M, N, K, m0, n0, 4, NB8 / 2);
+        if (n0 + NB8 / 2 < N)
+            int8_block(xf, q, scales, r, y, M, N, K, m0, n0 + NB8 / 2, 4, NB8 / 2);
+    }
+    if (M - m0 >= 2) {
+        int8_block(xf, q, scales, r, y, M, N, K, m0, n0, 2, NB8);
+        m0 += 2;
+    }
+    if (m0 < M)
+        int8_block(xf, q, scales, r, y, M, N, K, m0, n0, 1, NB8);
+}
+
+static inline void bf16_to_f32_row(const uint16_t *x, float *out, long K) {
+    for (long k = 0; k < K; k += 16) {
+        const __mmask16 m = tail16(K - k);
+        _mm512_mask_storeu_ps(out + k, m, load_bf16x16_masked(x + k, m));
+    }
+}
+
+/* One query (hs bf16) against n cached keys and values (positions hs apart), GQA-agnostic:
+   scores q·k / √hs, softmax and the mix of the values in float32 (model/attention.py's explicit
+   path), out rounded to bf16. p: n floats of scratch; weights (n floats) gets the probabilities
+   where not NULL. hs must be a multiple of 32. */
+static inline void attend(const uint16_t *q, const uint16_t *k, const uint16_t *v, long n, long hs,
+                          float *p, uint16_t *out, float *weights) {
+    const float scale = 1.0f / sqrtf((float)hs);
+    float top = -INFINITY;
+    for (long s = 0; s < n; s++) {
+        __m512 acc = _mm512_setzero_ps();
+        for (long d = 0; d < hs; d += 32)
+            acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(k + s * hs + d), (__m512bh)_mm512_loadu_si512(q + d));
+        p[s] = _mm512_reduce_add_ps(acc) * scale;
+        top = p[s] > top ? p[s] : top;
+    }
+    float total = 0;
+    for (long s = 0; s < n; s++) {
+        p[s] = expf(p[s] - top);
+        total += p[s];
+    }
+    const float inv = 1.0f / total;
+    for (long d = 0; d < hs; d += 16) {          /* out[d:d+16] = Σ_s p[s] · v[s, d:d+16] / total */
+        __m512 acc = _mm512_setzero_ps();
+        for (long s = 0; s < n; s++)
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(p[s]), load_bf16x16(v + s * hs + d), acc);
+        _mm256_storeu_si256((__m256i *)(out + d), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc, _mm512_set1_ps(inv))));
+    }
+    if (weights)
+        for (long s = 0; s < n; s++)
+            weights[s] = p[s] * inv;
+}
+
+#endif
