@@ -22,7 +22,7 @@ from model import native
 from model.kv_cache import KVCache, Slots
 
 _ptr, _long = ctypes.c_void_p, ctypes.c_long
-SCRATCH = ("x", "xn", "qkv", "att", "gu", "h", "out", "xf", "scores")   # decode.c's Step, in its order
+SCRATCH = ("x", "xn", "qkv", "att", "gu", "h", "out", "scores")   # decode.c's Step, in its order
 
 
 class _Mat(ctypes.Structure):
@@ -57,11 +57,12 @@ def _mat(dense: Tensor, q8) -> _Mat:
 class FusedDecode:
     """A bf16 model's weights as decode.c's structures (pointers into the model's own tensors, which
     never move after load), and the step's scratch memory, grown to the largest call seen. One call
-    at a time (an engine steps its model from one thread)."""
+    at a time (an engine steps its model from one thread). How many rows it takes, and up to how
+    many it reads the int8 weights, is the model's KernelChoice (measured at load)."""
 
-    def __init__(self, model, max_rows: int):
+    def __init__(self, model):
         c = model.config
-        self.model, self.max_rows = model, max_rows
+        self.model, self.choice = model, model.kernel_choice
         self.int8 = getattr(model, "quantization", "none") == "int8"
         layers = []
         for block in model.layers:
@@ -91,7 +92,7 @@ class FusedDecode:
                 and model.rope_cos.dtype == torch.bfloat16 and model.rope_cos.is_contiguous())
 
     def fits(self, rows: int, cache: KVCache) -> bool:
-        return (rows <= self.max_rows and cache.kv.dtype == torch.bfloat16 and cache.kv.is_contiguous()
+        return (rows <= self.choice.fused_max_rows and cache.kv.dtype == torch.bfloat16 and cache.kv.is_contiguous()
                 and self.model.embed_tokens.weight.data_ptr() == self._embed)
 
     def _buffers(self, rows: int, context: int) -> dict[str, Tensor]:
@@ -101,7 +102,6 @@ class FusedDecode:
             bf16 = {"x": c.dim, "xn": c.dim, "att": c.dim, "qkv": (c.n_heads + 2 * c.n_kv_heads) * c.head_dim,
                     "gu": 2 * c.intermediate_size, "h": c.intermediate_size, "out": c.vocab_size}
             self._scratch = {name: torch.empty(rows * n, dtype=torch.bfloat16) for name, n in bf16.items()}
-            self._scratch["xf"] = torch.empty(rows * max(c.dim, c.intermediate_size))
             self._scratch["scores"] = torch.empty(rows * c.n_heads * context)
             self._scratch_for = (rows, context)
         return self._scratch
@@ -129,7 +129,7 @@ class FusedDecode:
             hidden = torch.empty(c.n_layers, B, c.dim, dtype=torch.bfloat16)
             hidden_mask = torch.tensor([i in hidden_layers for i in range(c.n_layers)], dtype=torch.uint8)
         ptr = lambda t: None if t is None else t.data_ptr()
-        int8 = self.int8 and self.model.kernel_choice.int8_max_rows >= B     # as the Python path's int8_mm
+        int8 = self.int8 and self.choice.fused_int8_max_rows >= B
         step = _Step(B, tokens.data_ptr(), positions.data_ptr(), rows.data_ptr(), cache.kv.data_ptr(),
                      cache.max_batch, cache.max_context, int(int8), logits.data_ptr(),
                      ptr(attn), kv_len, ptr(attn_mask), ptr(hidden), ptr(hidden_mask),

@@ -72,7 +72,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.bf16_gemv.restype = None
     lib.bf16_decode_attention.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_long] * 9
     lib.bf16_decode_attention.restype = None
-    lib.int8_gemv.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_long] * 3
+    lib.int8_gemv.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 3
     lib.int8_gemv.restype = None
     lib.bf16_decode_step.argtypes = [ctypes.c_void_p] * 2
     lib.bf16_decode_step.restype = None
@@ -110,9 +110,8 @@ def int8_gemv(x: Tensor, q: Tensor, scales: Tensor, residual: Tensor | None = No
     M, K = x.shape
     N = q.shape[0]
     y = torch.empty(M, N, dtype=torch.bfloat16)
-    work = torch.empty(M, K, dtype=torch.float32)
-    _load()[0].int8_gemv(x.data_ptr(), q.data_ptr(), scales.data_ptr(),
-                         None if residual is None else residual.data_ptr(), y.data_ptr(), work.data_ptr(), M, N, K)
+    _load()[0].int8_gemv(q.data_ptr(), scales.data_ptr(), x.data_ptr(),
+                         None if residual is None else residual.data_ptr(), y.data_ptr(), M, N, K)
     return y
 
 

@@ -25,7 +25,8 @@ from __future__ import annotations
 import statistics
 import time
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -93,19 +94,19 @@ def resolve_kv_cache_dtype(kv_cache_dtype: str | torch.dtype | None, compute: to
 
 @dataclass
 class KernelChoice:
-    """Shared by every projection of a model: batches of up to `int8_max_rows` rows use the int8
-    kernel, then up to `gemv_max_rows` the hand-written bf16 kernel (model/native.py), larger ones
-    the library GEMM; `timings` / `gemv_timings` hold what the choices were made from (ms per pass
-    over all matrices, by rows: (int8 or gemv, library))."""
+    """Shared by every projection of a model: on the Python path, batches of up to `int8_max_rows`
+    rows use the int8 kernel, then up to `gemv_max_rows` the hand-written bf16 kernel
+    (model/native.py), larger ones the library GEMM; decode steps of up to `fused_max_rows` rows
+    run as one native call (model/decode_step.py), on the int8 weights up to `fused_int8_max_rows`.
+    `measured` holds what each choice was made from: ms by rows, (contender, baseline)."""
 
     int8_max_rows: int = 0
     gemv_max_rows: int = 0
-    timings: dict[int, tuple[float, float]] | None = None
-    gemv_timings: dict[int, tuple[float, float]] | None = None
+    fused_max_rows: int = 0
+    fused_int8_max_rows: int = 0
+    measured: dict[str, dict[int, tuple[float, float]]] = field(default_factory=dict)
     native_unavailable: str = ""     # why the hand-written kernels are not used, where they could be
     native_attention: bool = False   # decode steps' attention on model/native/attention.c (bf16)
-    fused_max_rows: int = 0          # decode steps of up to this many rows run as one native call
-    fused_timings: dict[int, tuple[float, float]] | None = None   # ms per step: (fused, Python path)
 
 
 class Int8Weight(nn.Module):
@@ -216,30 +217,56 @@ def apply_weights(model: nn.Module, *, dtype: torch.dtype, quantization: str = "
         elif gemv_max_rows is not None:
             choice.gemv_max_rows = gemv_max_rows
         else:
-            choice.gemv_max_rows, choice.gemv_timings = measure_rows(model, "gemv")
+            choice.gemv_max_rows, choice.measured["gemv"] = measure_rows(model, "gemv")
     if quantization == "int8":
         choice.int8_max_rows = int8_max_rows if int8_max_rows is not None else -1
         if int8_max_rows is None:
-            choice.int8_max_rows, choice.timings = measure_rows(model, "int8")
+            choice.int8_max_rows, choice.measured["int8"] = measure_rows(model, "int8")
     if FusedDecode.supports(model):
-        fused = FusedDecode(model, max_rows=MEASURED_ROWS[-1])
-        if fused_max_rows is None:
-            fused.max_rows, choice.fused_timings = measure_fused_rows(model, fused)
+        model.fused_decode = FusedDecode(model)
+        if quantization == "int8":          # int8 inside the fused step: measured there (fewer calls, other ratio)
+            choice.fused_int8_max_rows = int8_max_rows if int8_max_rows is not None else -1
+            if int8_max_rows is None:
+                choice.fused_int8_max_rows, choice.measured["decode_step_int8"] = measure_fused_rows(model, "int8")
+        if fused_max_rows is not None:
+            choice.fused_max_rows = fused_max_rows
         else:
-            fused.max_rows = fused_max_rows
-        choice.fused_max_rows = fused.max_rows
-        model.fused_decode = fused if fused.max_rows > 0 else None
+            choice.fused_max_rows, choice.measured["decode_step"] = measure_fused_rows(model, "python")
+        if choice.fused_max_rows <= 0:
+            model.fused_decode = None
+
+
+def _race(passes_at: Callable[[int], tuple[Callable[[], object], Callable[[], object]]], *, reps: int
+          ) -> tuple[int, dict[int, tuple[float, float]]]:
+    """Time (contender, baseline) = passes_at(rows) at each batch size in MEASURED_ROWS; return the
+    largest size below the first one where the contender loses (0: never use it), and the timings
+    (medians, ms). The two run back to back `reps` times after a warm-up round and the median of
+    the paired ratios decides: a burst of other load on a shared machine slows the pair alike, or
+    one of them in a single pair only."""
+    timings, best_rows = {}, 0
+    for rows in MEASURED_ROWS:
+        passes = passes_at(rows)
+        seconds: list[list[float]] = [[], []]
+        for rep in range(reps + 1):
+            for i, fn in enumerate(passes):
+                start = time.perf_counter()
+                fn()
+                if rep:
+                    seconds[i].append(time.perf_counter() - start)
+        ratio = statistics.median(a / b for a, b in zip(*seconds))
+        timings[rows] = (statistics.median(seconds[0]) * 1e3, statistics.median(seconds[1]) * 1e3)
+        if ratio >= 1:
+            break
+        best_rows = rows
+    return best_rows, timings
 
 
 @torch.inference_mode()
 def measure_rows(model: nn.Module, kernel: Literal["int8", "gemv"], *, reps: int = 7
                  ) -> tuple[int, dict[int, tuple[float, float]]]:
-    """Time one pass over every projection and the head, `kernel` (the int8 kernel, or the bf16
+    """One pass over every projection and the head, `kernel` (the int8 kernel, or the bf16
     matrix-vector kernel) against the path it would replace (the dense path as already chosen, or
-    the library GEMM), at each batch size in MEASURED_ROWS; return the largest size below the
-    first one where `kernel` loses (0: never use it), and the timings (medians, ms). The two run
-    back to back `reps` times and the median of the paired ratios decides: a burst of other load
-    on a shared machine slows the pair alike, or one of them in a single pair only."""
+    the library GEMM): see `_race`."""
     mats = [(getattr(m, n), getattr(m, n + "_int8", None)) for m, n in _projections(model)]
     mats.append((model.lm_head.weight.t(), getattr(model, "lm_head_int8", None)))
     dtype, choice = model.weights_dtype, model.kernel_choice
@@ -249,64 +276,47 @@ def measure_rows(model: nn.Module, kernel: Literal["int8", "gemv"], *, reps: int
     else:
         contender = lambda x, w, q: bf16_gemv(x, w)
         baseline = lambda x, w, q: x @ w
-    timings, best_rows = {}, 0
-    for rows in MEASURED_ROWS:
+
+    def passes_at(rows: int):
         xs = [torch.randn(rows, w.shape[0], dtype=dtype) for w, _ in mats]
-        passes = {name: lambda xs=xs, fn=fn: [fn(x, w, q) for x, (w, q) in zip(xs, mats)]
-                  for name, fn in (("kernel", contender), ("baseline", baseline))}
-        seconds: dict[str, list[float]] = {name: [] for name in passes}
-        for rep in range(reps + 1):                     # the first round warms up
-            for name, fn in passes.items():
-                start = time.perf_counter()
-                fn()
-                if rep:
-                    seconds[name].append(time.perf_counter() - start)
-        ratio = statistics.median(a / b for a, b in zip(seconds["kernel"], seconds["baseline"]))
-        timings[rows] = tuple(statistics.median(seconds[name]) * 1e3 for name in passes)
-        if ratio >= 1:
-            break
-        best_rows = rows
-    return best_rows, timings
+        return tuple(lambda fn=fn: [fn(x, w, q) for x, (w, q) in zip(xs, mats)] for fn in (contender, baseline))
+
+    return _race(passes_at, reps=reps)
 
 
 @torch.inference_mode()
-def measure_fused_rows(model: nn.Module, fused: FusedDecode, *, reps: int = 5, context: int = 64
+def measure_fused_rows(model: nn.Module, against: Literal["python", "int8"], *, reps: int = 5, context: int = 64
                        ) -> tuple[int, dict[int, tuple[float, float]]]:
-    """Time whole decode steps, the fused native one against the Python path (its kernels as
-    chosen above), at each batch size in MEASURED_ROWS, deciding as `measure_rows` does; each step
-    writes and reads a scratch cache at position context - 1."""
-    timings, best_rows = {}, 0
-    for rows in MEASURED_ROWS:
-        passes = _decode_steps(model, fused, rows, min(context, model.config.max_context))
-        seconds: dict[str, list[float]] = {name: [] for name in passes}
-        for rep in range(reps + 1):                     # the first round warms up
-            for name, fn in passes.items():
-                start = time.perf_counter()
-                fn()
-                if rep:
-                    seconds[name].append(time.perf_counter() - start)
-        ratio = statistics.median(a / b for a, b in zip(seconds["fused"], seconds["python"]))
-        timings[rows] = tuple(statistics.median(seconds[name]) * 1e3 for name in passes)
-        if ratio >= 1:
-            break
-        best_rows = rows
+    """Whole decode steps (see `_race`): the fused native step against the Python path (its
+    kernels as chosen before), or, for int8 models, the fused step on the int8 weights against it
+    on the dense ones. Each step writes and reads a scratch cache at position context - 1."""
+    fused, choice = model.fused_decode, model.kernel_choice
+    context = min(context, model.config.max_context)
+
+    def passes_at(rows: int):
+        cache = model.new_cache(rows, context)
+        tokens, positions = torch.zeros(rows, 1, dtype=torch.long), torch.full((rows, 1), context - 1)
+        step = lambda: fused(tokens, positions, cache, slice(0, rows), (), ())
+
+        def python_step() -> None:
+            model.fused_decode = None
+            try:
+                model(tokens, positions=positions, cache=cache, slots=slice(0, rows))
+            finally:
+                model.fused_decode = fused
+
+        def with_int8(on: bool):
+            def run() -> None:
+                choice.fused_int8_max_rows = rows if on else 0
+                step()
+            return run
+
+        return (step, python_step) if against == "python" else (with_int8(True), with_int8(False))
+
+    best_rows, timings = _race(passes_at, reps=reps)
+    if against == "int8":
+        choice.fused_int8_max_rows = best_rows
     return best_rows, timings
-
-
-def _decode_steps(model: nn.Module, fused: FusedDecode, rows: int, context: int) -> dict:
-    """{"fused": one fused decode step, "python": the same step on the Python path} of `rows` rows."""
-    cache = model.new_cache(rows, context)
-    tokens, positions = torch.zeros(rows, 1, dtype=torch.long), torch.full((rows, 1), context - 1)
-    slots = slice(0, rows)
-
-    def python_step() -> None:
-        model.fused_decode = None
-        try:
-            model(tokens, positions=positions, cache=cache, slots=slots)
-        finally:
-            model.fused_decode = fused
-
-    return {"fused": lambda: fused(tokens, positions, cache, slots, (), ()), "python": python_step}
 
 
 def weights_info(model: nn.Module) -> dict:
@@ -329,15 +339,15 @@ def weights_info(model: nn.Module) -> dict:
     kernels["all rows" if low == 1 else f"rows > {low - 1}"] = dense
     info = {"dtype": dtype, "quantization": quantization, "weight_bytes_per_token": weight_bytes_per_token(model),
             "kernels": kernels}
-    measured = {"int8": choice.timings if quantization == "int8" else None, "gemv": choice.gemv_timings}
-    info["measured_ms"] = {kernel: {str(r): {kernel: round(a, 3), "dense": round(b, 3)} for r, (a, b) in t.items()}
-                           for kernel, t in measured.items() if t}
-    if choice.fused_timings:
-        info["measured_ms"]["decode_step"] = {str(r): {"fused": round(a, 3), "python": round(b, 3)}
-                                              for r, (a, b) in choice.fused_timings.items()}
+    names = {"int8": ("int8", "dense"), "gemv": ("gemv", "dense"), "decode_step": ("fused", "python"),
+             "decode_step_int8": ("int8", "dense")}
+    info["measured_ms"] = {kernel: {str(r): dict(zip(names[kernel], (round(a, 3), round(b, 3))))
+                                    for r, (a, b) in t.items()} for kernel, t in choice.measured.items()}
     fused = choice.fused_max_rows if getattr(model, "fused_decode", None) is not None else 0
     info["decode_step"] = (f"rows <= {fused}: one native call (model/native/decode.c), larger: the layers in PyTorch"
                            if fused else "the layers in PyTorch")
+    if fused and quantization == "int8":
+        info["decode_step"] += f"; int8 weights inside it for rows <= {choice.fused_int8_max_rows}"
     info["decode_attention"] = ("hand-written bf16 (model/native/attention.c)" if choice.native_attention
                                 else "PyTorch SDPA")
     if choice.native_unavailable:
@@ -349,7 +359,10 @@ def weight_bytes_per_token(model: nn.Module, rows: int = 1) -> int:
     """Bytes of weights one decode step at `rows` rows reads: every projection and the head, in
     the kernel's format (int8 + scales, or the dense dtype), plus one embedding row."""
     mats = [getattr(m, n) for m, n in _projections(model)] + [model.lm_head.weight]
-    int8 = getattr(model, "quantization", "none") == "int8" and rows <= model.kernel_choice.int8_max_rows
+    choice = model.kernel_choice
+    fused = getattr(model, "fused_decode", None) is not None and rows <= choice.fused_max_rows
+    int8 = getattr(model, "quantization", "none") == "int8" and \
+        rows <= (choice.fused_int8_max_rows if fused else choice.int8_max_rows)
     total = 0
     for w in mats:
         out = w.shape[1] if w is not model.lm_head.weight else w.shape[0]

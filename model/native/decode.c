@@ -49,7 +49,7 @@ typedef struct {
     uint16_t *hidden;                           /* (L, B, C) out where hidden_layers[l], or NULL */
     const uint8_t *hidden_layers;
     uint16_t *x, *xn, *qkv, *att, *gu, *h, *out; /* scratch (B, ·) bf16 */
-    float *xf, *scores;                         /* scratch: (B, max K) and (B, nh, max_context) */
+    float *scores;                              /* scratch: (B, nh, max_context) */
 } Step;
 
 static void rmsnorm_rows(const uint16_t *x, const uint16_t *gain, uint16_t *out, long B, long C, float eps) {
@@ -73,11 +73,8 @@ static void project(const Mat *mat, const Step *st, const uint16_t *x, const uin
     const long B = st->B;
     if (st->int8) {
         #pragma omp for schedule(static)
-        for (long m = 0; m < B; m++)
-            bf16_to_f32_row(x + m * K, st->xf + m * K, K);
-        #pragma omp for schedule(static)
         for (long n0 = 0; n0 < N; n0 += NB8)
-            int8_channels(st->xf, mat->q, mat->scales, r, y, B, N, K, n0);
+            int8_channels(x, mat->q, mat->scales, r, y, B, N, K, n0);
     } else {
         #pragma omp for schedule(static)
         for (long n0 = 0; n0 < N; n0 += NB)

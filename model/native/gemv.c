@@ -3,7 +3,7 @@
 
    bf16_gemv: x (M, K), w (N, K), r and y (M, N), all bf16 and row-major; any K and N.
    int8_gemv: the same with w int8 (N, K) and per-output-channel bf16 scales (N,), weight-only:
-   the activations stay bf16 (converted to float32 once, into xf (M, K)).
+   the activations stay bf16.
 
    Why: for one to a few rows the product is a matrix-vector one, bound by reading w once; the
    library GEMM measured ~3× below that on some CPUs. Output channels are split between the
@@ -19,15 +19,9 @@ void bf16_gemv(const uint16_t *restrict x, const uint16_t *restrict w, const uin
         bf16_block(x, w, r, y, M, N, K, n0);
 }
 
-void int8_gemv(const uint16_t *restrict x, const int8_t *restrict q, const uint16_t *restrict scales,
-               const uint16_t *restrict r, uint16_t *restrict y, float *restrict xf, long M, long N, long K) {
-    #pragma omp parallel
-    {
-        #pragma omp for schedule(static)
-        for (long m = 0; m < M; m++)
-            bf16_to_f32_row(x + m * K, xf + m * K, K);
-        #pragma omp for schedule(static)
-        for (long n0 = 0; n0 < N; n0 += NB8)
-            int8_channels(xf, q, scales, r, y, M, N, K, n0);
-    }
+void int8_gemv(const int8_t *restrict q, const uint16_t *restrict scales, const uint16_t *restrict x,
+               const uint16_t *restrict r, uint16_t *restrict y, long M, long N, long K) {
+    #pragma omp parallel for schedule(static)
+    for (long n0 = 0; n0 < N; n0 += NB8)
+        int8_channels(x, q, scales, r, y, M, N, K, n0);
 }

@@ -68,19 +68,19 @@ static inline void bf16_block(const uint16_t *x, const uint16_t *w, const uint16
 }
 
 /* The int8 weight-only product for MB rows from m0 and NJ channels from n0 (MB · NJ ≤ 16 float32
-   accumulators): y[m, n] = scale[n] · Σ_k xf[m, k] q[n, k] (+ r[m, n]), q (N, K) int8, xf (M, K)
-   float32 (the activations, converted once per matrix), scales (N,) bf16. The int8 weights become
-   float32 in registers (exact), so the sum is the dequantised product's up to float32 rounding.
-   Channels past N and rows past M are computed on a stand-in and dropped. */
+   accumulators): y[m, n] = scale[n] · Σ_k x[m, k] q[n, k] (+ r[m, n]), q (N, K) int8, x (M, K)
+   bf16, scales (N,) bf16. Weights and activations become float32 in registers (exactly), so the
+   sum is the dequantised product's up to float32 rounding. Channels past N and rows past M are
+   computed on a stand-in and dropped. */
 static inline __attribute__((always_inline)) void int8_block(
-        const float *xf, const int8_t *q, const uint16_t *scales, const uint16_t *r, uint16_t *y,
+        const uint16_t *x, const int8_t *q, const uint16_t *scales, const uint16_t *r, uint16_t *y,
         long M, long N, long K, long m0, long n0, const int MB, const int NJ) {
     const int8_t *wp[NB8];
-    const float *xp[4];
+    const uint16_t *xp[4];
     for (int j = 0; j < NJ; j++)
         wp[j] = q + (n0 + j < N ? n0 + j : n0) * K;
     for (int i = 0; i < MB; i++)
-        xp[i] = xf + (m0 + i < M ? m0 + i : m0) * K;
+        xp[i] = x + (m0 + i < M ? m0 + i : m0) * K;
     __m512 acc[4][NB8];
     for (int i = 0; i < MB; i++)
         for (int j = 0; j < NJ; j++)
@@ -88,10 +88,13 @@ static inline __attribute__((always_inline)) void int8_block(
     long k = 0;
     for (; k + 16 <= K; k += 16) {
         __m512 w[NB8];
+        if (k % 64 == 0)            /* the same line of the next block's rows: the next 4 KB page for K = 512 */
+            for (int j = 0; j < NJ; j++)
+                _mm_prefetch((const char *)(wp[j] + k + NJ * K), _MM_HINT_T0);
         for (int j = 0; j < NJ; j++)
             w[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(wp[j] + k))));
         for (int i = 0; i < MB; i++) {
-            const __m512 xv = _mm512_loadu_ps(xp[i] + k);
+            const __m512 xv = load_bf16x16(xp[i] + k);
             for (int j = 0; j < NJ; j++)
                 acc[i][j] = _mm512_fmadd_ps(w[j], xv, acc[i][j]);
         }
@@ -101,7 +104,7 @@ static inline __attribute__((always_inline)) void int8_block(
         for (int j = 0; j < NJ; j++) {
             const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, wp[j] + k)));
             for (int i = 0; i < MB; i++)
-                acc[i][j] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m, xp[i] + k), acc[i][j]);
+                acc[i][j] = _mm512_fmadd_ps(w, load_bf16x16_masked(xp[i] + k, m), acc[i][j]);
         }
     }
     for (int i = 0; i < MB && m0 + i < M; i++)
@@ -115,27 +118,20 @@ static inline __attribute__((always_inline)) void int8_block(
 }
 
 /* All M rows of NB8 channels from n0: blocks of 4 rows (two halves of the channels), then 2 and 1. */
-static inline void int8_channels(const float *xf, const int8_t *q, const uint16_t *scales, const uint16_t *r,
+static inline void int8_channels(const uint16_t *x, const int8_t *q, const uint16_t *scales, const uint16_t *r,
                                  uint16_t *y, long M, long N, long K, long n0) {
     long m0 = 0;
     for (; m0 + 4 <= M; m0 += 4) {
-        int8_block(xf, q, scales, r, y, M, N, K, m0, n0, 4, NB8 / 2);
+        int8_block(x, q, scales, r, y, M, N, K, m0, n0, 4, NB8 / 2);
         if (n0 + NB8 / 2 < N)
-            int8_block(xf, q, scales, r, y, M, N, K, m0, n0 + NB8 / 2, 4, NB8 / 2);
+            int8_block(x, q, scales, r, y, M, N, K, m0, n0 + NB8 / 2, 4, NB8 / 2);
     }
     if (M - m0 >= 2) {
-        int8_block(xf, q, scales, r, y, M, N, K, m0, n0, 2, NB8);
+        int8_block(x, q, scales, r, y, M, N, K, m0, n0, 2, NB8);
         m0 += 2;
     }
     if (m0 < M)
-        int8_block(xf, q, scales, r, y, M, N, K, m0, n0, 1, NB8);
-}
-
-static inline void bf16_to_f32_row(const uint16_t *x, float *out, long K) {
-    for (long k = 0; k < K; k += 16) {
-        const __mmask16 m = tail16(K - k);
-        _mm512_mask_storeu_ps(out + k, m, load_bf16x16_masked(x + k, m));
-    }
+        int8_block(x, q, scales, r, y, M, N, K, m0, n0, 1, NB8);
 }
 
 /* One query (hs bf16) against n cached keys and values (positions hs apart), GQA-agnostic:

@@ -109,7 +109,7 @@ def test_the_bf16_kernel_is_used_up_to_its_measured_rows_and_named():
     prompts = [p.prompt for p in calculator_split()[2][:60]]
     assert greedy_answers(model, tokenizer, prompts, batch_size=4) == greedy_answers(library, tokenizer, prompts)
     measured, _ = load_checkpoint(CALCULATOR, dtype="bfloat16")
-    assert set(measured.kernel_choice.gemv_timings) >= {1}                # measured at load
+    assert set(measured.kernel_choice.measured["gemv"]) >= {1}                # measured at load
     # one token analysed: no position predicts another, so no row goes through the head
     analyzed = Engine(model, tokenizer, max_batch=1).analyze(AnalysisRequest(ids=[0], logprobs=1))
     assert analyzed.logprobs == [None]
