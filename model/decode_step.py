@@ -22,7 +22,7 @@ from model import native
 from model.kv_cache import KVCache, Slots
 
 _ptr, _long = ctypes.c_void_p, ctypes.c_long
-SCRATCH = ("x", "xn", "qkv", "att", "gu", "h", "out", "scores")   # decode.c's Step, in its order
+SCRATCH = ("x", "xn", "qkv", "att", "gu", "h", "out", "scores", "xq", "xs")   # decode.c's Step, in its order
 
 
 class _Mat(ctypes.Structure):
@@ -78,6 +78,8 @@ class FusedDecode:
                              _mat(model.lm_head.weight, model.lm_head_int8), self._layers)   # head: (V, C)
         self._scratch: dict[str, Tensor] = {}
         self._scratch_for = (0, 0)
+        self._step = _Step()
+        self._slot_ids = torch.arange(0)
         self._embed = model.embed_tokens.weight.data_ptr()   # moved (model.to(...)): the pointers are stale
 
     @staticmethod
@@ -95,7 +97,9 @@ class FusedDecode:
         return (rows <= self.choice.fused_max_rows and cache.kv.dtype == torch.bfloat16 and cache.kv.is_contiguous()
                 and self.model.embed_tokens.weight.data_ptr() == self._embed)
 
-    def _buffers(self, rows: int, context: int) -> dict[str, Tensor]:
+    def _step_for(self, rows: int, context: int) -> _Step:
+        """The call's structure, its scratch pointers filled in: kept between calls, made anew
+        (with larger scratch) when a call needs more rows or context than any before."""
         if rows > self._scratch_for[0] or context > self._scratch_for[1]:
             c = self.model.config
             rows, context = max(rows, self._scratch_for[0]), max(context, self._scratch_for[1])
@@ -103,8 +107,12 @@ class FusedDecode:
                     "gu": 2 * c.intermediate_size, "h": c.intermediate_size, "out": c.vocab_size}
             self._scratch = {name: torch.empty(rows * n, dtype=torch.bfloat16) for name, n in bf16.items()}
             self._scratch["scores"] = torch.empty(rows * c.n_heads * context)
+            self._scratch["xq"] = torch.empty(rows * max(c.dim, c.intermediate_size), dtype=torch.int16)
+            self._scratch["xs"] = torch.empty(rows)
             self._scratch_for = (rows, context)
-        return self._scratch
+            self._step = _Step(**{name: self._scratch[name].data_ptr() for name in SCRATCH})
+            self._slot_ids = torch.arange(4 * rows)
+        return self._step
 
     def __call__(self, tokens: Tensor, positions: Tensor, cache: KVCache, slots: Slots,
                  attn_layers: Collection[int], hidden_layers: Collection[int]
@@ -113,15 +121,17 @@ class FusedDecode:
         ModelOutput fields for the same call."""
         c = self.model.config
         B = tokens.shape[0]
-        rows = torch.arange(slots.start, slots.start + B) if isinstance(slots, slice) else slots
-        tokens, positions, rows = tokens.reshape(B).contiguous(), positions.reshape(B).contiguous(), rows.contiguous()
         kv_len = int(positions.max()) + 1
         if kv_len > cache.max_context:
             raise ValueError(f"position {kv_len - 1} is beyond the cache's max_context={cache.max_context}")
-        scratch = self._buffers(B, cache.max_context)
+        step = self._step_for(B, cache.max_context)
+        if isinstance(slots, slice):
+            if slots.start + B > len(self._slot_ids):
+                self._slot_ids = torch.arange(slots.start + B)
+            slots = self._slot_ids[slots.start: slots.start + B]
+        tokens, positions, slots = tokens.reshape(B).contiguous(), positions.reshape(B).contiguous(), slots.contiguous()
         logits = torch.empty(B, c.vocab_size)
-        attn = hidden = None
-        attn_mask = hidden_mask = None
+        attn = hidden = attn_mask = hidden_mask = None
         if attn_layers:
             attn = torch.empty(c.n_layers, B, c.n_heads, kv_len)
             attn_mask = torch.tensor([i in attn_layers for i in range(c.n_layers)], dtype=torch.uint8)
@@ -129,11 +139,11 @@ class FusedDecode:
             hidden = torch.empty(c.n_layers, B, c.dim, dtype=torch.bfloat16)
             hidden_mask = torch.tensor([i in hidden_layers for i in range(c.n_layers)], dtype=torch.uint8)
         ptr = lambda t: None if t is None else t.data_ptr()
-        int8 = self.int8 and self.choice.fused_int8_max_rows >= B
-        step = _Step(B, tokens.data_ptr(), positions.data_ptr(), rows.data_ptr(), cache.kv.data_ptr(),
-                     cache.max_batch, cache.max_context, int(int8), logits.data_ptr(),
-                     ptr(attn), kv_len, ptr(attn_mask), ptr(hidden), ptr(hidden_mask),
-                     *(scratch[name].data_ptr() for name in SCRATCH))
+        step.B, step.tokens, step.positions, step.slots = B, tokens.data_ptr(), positions.data_ptr(), slots.data_ptr()
+        step.kv, step.max_batch, step.max_context = cache.kv.data_ptr(), cache.max_batch, cache.max_context
+        step.int8 = self.int8 and self.choice.fused_int8_max_rows >= B
+        step.logits, step.attn, step.attn_len, step.attn_layers = logits.data_ptr(), ptr(attn), kv_len, ptr(attn_mask)
+        step.hidden, step.hidden_layers = ptr(hidden), ptr(hidden_mask)
         native.decode_step(self._model, step)
         return (logits.view(B, 1, c.vocab_size),
                 {i: attn[i].view(B, c.n_heads, 1, kv_len) for i in attn_layers} if attn_layers else {},

@@ -72,7 +72,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.bf16_gemv.restype = None
     lib.bf16_decode_attention.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_long] * 9
     lib.bf16_decode_attention.restype = None
-    lib.int8_gemv.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 3
+    lib.int8_gemv.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_long] * 3
     lib.int8_gemv.restype = None
     lib.bf16_decode_step.argtypes = [ctypes.c_void_p] * 2
     lib.bf16_decode_step.restype = None
@@ -106,12 +106,14 @@ def bf16_gemv(x: Tensor, w: Tensor, residual: Tensor | None = None) -> Tensor:
 
 def int8_gemv(x: Tensor, q: Tensor, scales: Tensor, residual: Tensor | None = None) -> Tensor:
     """x (M, in) bf16 @ (scales[:, None] · q)ᵀ [+ residual (M, out)] → (M, out) bf16, with q (out, in)
-    int8 and scales (out,) bf16, contiguous: weight-only int8 (kernels.h)."""
+    int8 and scales (out,) bf16, contiguous: weight-only int8, x as 16-bit fixed point per row (kernels.h)."""
     M, K = x.shape
     N = q.shape[0]
     y = torch.empty(M, N, dtype=torch.bfloat16)
-    _load()[0].int8_gemv(q.data_ptr(), scales.data_ptr(), x.data_ptr(),
-                         None if residual is None else residual.data_ptr(), y.data_ptr(), M, N, K)
+    xq, xs = torch.empty(M, K, dtype=torch.int16), torch.empty(M)
+    r = None if residual is None else residual.data_ptr()
+    _load()[0].int8_gemv(q.data_ptr(), scales.data_ptr(), x.data_ptr(), r, y.data_ptr(), xq.data_ptr(), xs.data_ptr(),
+                         M, N, K)
     return y
 
 

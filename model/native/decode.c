@@ -50,6 +50,7 @@ typedef struct {
     const uint8_t *hidden_layers;
     uint16_t *x, *xn, *qkv, *att, *gu, *h, *out; /* scratch (B, ·) bf16 */
     float *scores;                              /* scratch: (B, nh, max_context) */
+    int16_t *xq; float *xs;                     /* scratch: the int8 kernel's activations (B, max K), (B,) */
 } Step;
 
 static void rmsnorm_rows(const uint16_t *x, const uint16_t *gain, uint16_t *out, long B, long C, float eps) {
@@ -73,8 +74,11 @@ static void project(const Mat *mat, const Step *st, const uint16_t *x, const uin
     const long B = st->B;
     if (st->int8) {
         #pragma omp for schedule(static)
+        for (long m = 0; m < B; m++)
+            fixed16_row(x + m * K, st->xq + m * K, st->xs + m, K);
+        #pragma omp for schedule(static)
         for (long n0 = 0; n0 < N; n0 += NB8)
-            int8_channels(x, mat->q, mat->scales, r, y, B, N, K, n0);
+            int8_channels(st->xq, st->xs, mat->q, mat->scales, r, y, B, N, K, n0);
     } else {
         #pragma omp for schedule(static)
         for (long n0 = 0; n0 < N; n0 += NB)

@@ -1,7 +1,7 @@
 /* The arithmetic the decode kernels share (gemv.c, attention.c, decode.c), inlined into each.
 
-   Numbers: bf16 stored as uint16_t; every dot product accumulates in float32 and is rounded once
-   to bf16 (round to nearest even, as torch), so a row's result does not depend on the other rows
+   Numbers: bf16 stored as uint16_t; every dot product accumulates in float32 (the int8 one in
+   int32) and is rounded once to bf16 (round to nearest even, as torch), so a row's result does not depend on the other rows
    of its batch. */
 
 #ifndef ATTNSERVE_KERNELS_H
@@ -67,50 +67,77 @@ static inline void bf16_block(const uint16_t *x, const uint16_t *w, const uint16
         }
 }
 
-/* The int8 weight-only product for MB rows from m0 and NJ channels from n0 (MB · NJ ≤ 16 float32
-   accumulators): y[m, n] = scale[n] · Σ_k x[m, k] q[n, k] (+ r[m, n]), q (N, K) int8, x (M, K)
-   bf16, scales (N,) bf16. Weights and activations become float32 in registers (exactly), so the
-   sum is the dequantised product's up to float32 rounding. Channels past N and rows past M are
-   computed on a stand-in and dropped. */
+/* Activations for the int8 kernel: each bf16 row of x (M, K) as 16-bit fixed point, xq = round(x / s)
+   with s = max |x| / 32767 per row (xs[m] = s). The error, ≤ s / 2 per element, is 2^-16 of the
+   row's largest activation: ~128× below the bf16 rounding every projection's output gets. */
+static inline void fixed16_row(const uint16_t *x, int16_t *xq, float *xs, long K) {
+    __m512 top = _mm512_setzero_ps();
+    for (long k = 0; k < K; k += 16)
+        top = _mm512_max_ps(top, _mm512_abs_ps(load_bf16x16_masked(x + k, tail16(K - k))));
+    const float big = _mm512_reduce_max_ps(top), scale = big > 0 ? big / 32767.0f : 1.0f;
+    const __m512 inv = _mm512_set1_ps(1.0f / scale);
+    for (long k = 0; k < K; k += 16) {
+        const __mmask16 m = tail16(K - k);
+        const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(load_bf16x16_masked(x + k, m), inv));
+        _mm256_mask_storeu_epi16(xq + k, m, _mm512_cvtsepi32_epi16(v));
+    }
+    *xs = scale;
+}
+
+/* The int8 weight-only product for MB rows from m0 and NJ channels from n0 (MB · NJ ≤ 16 int32
+   accumulators): y[m, n] = scale[n] · xs[m] · Σ_k xq[m, k] q[n, k] (+ r[m, n]), q (N, K) int8,
+   scales (N,) bf16, xq/xs the activations (fixed16_row). AVX512-VNNI vpdpwssd: pairs of 16-bit
+   products summed exactly into int32 lanes, in runs of at most 4096 per lane (no overflow), then
+   float32. Channels past N and rows past M are computed on a stand-in and dropped. */
 static inline __attribute__((always_inline)) void int8_block(
-        const uint16_t *x, const int8_t *q, const uint16_t *scales, const uint16_t *r, uint16_t *y,
-        long M, long N, long K, long m0, long n0, const int MB, const int NJ) {
+        const int16_t *xq, const float *xs, const int8_t *q, const uint16_t *scales, const uint16_t *r,
+        uint16_t *y, long M, long N, long K, long m0, long n0, const int MB, const int NJ) {
     const int8_t *wp[NB8];
-    const uint16_t *xp[4];
+    const int16_t *xp[4];
     for (int j = 0; j < NJ; j++)
         wp[j] = q + (n0 + j < N ? n0 + j : n0) * K;
     for (int i = 0; i < MB; i++)
-        xp[i] = x + (m0 + i < M ? m0 + i : m0) * K;
-    __m512 acc[4][NB8];
+        xp[i] = xq + (m0 + i < M ? m0 + i : m0) * K;
+    __m512 total[4][NB8];
     for (int i = 0; i < MB; i++)
         for (int j = 0; j < NJ; j++)
-            acc[i][j] = _mm512_setzero_ps();
-    long k = 0;
-    for (; k + 16 <= K; k += 16) {
-        __m512 w[NB8];
-        if (k % 64 == 0)            /* the same line of the next block's rows: the next 4 KB page for K = 512 */
+            total[i][j] = _mm512_setzero_ps();
+    for (long k0 = 0; k0 < K; k0 += 4096) {
+        const long k1 = K - k0 < 4096 ? K : k0 + 4096;
+        __m512i acc[4][NB8];
+        for (int i = 0; i < MB; i++)
             for (int j = 0; j < NJ; j++)
-                _mm_prefetch((const char *)(wp[j] + k + NJ * K), _MM_HINT_T0);
-        for (int j = 0; j < NJ; j++)
-            w[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(wp[j] + k))));
-        for (int i = 0; i < MB; i++) {
-            const __m512 xv = load_bf16x16(xp[i] + k);
+                acc[i][j] = _mm512_setzero_si512();
+        long k = k0;
+        for (; k + 32 <= k1; k += 32) {
+            __m512i w[NB8];
+            if (k % 64 == 0)        /* the same line of the next block's rows: the next 4 KB page for K = 512 */
+                for (int j = 0; j < NJ; j++)
+                    _mm_prefetch((const char *)(wp[j] + k + NJ * K), _MM_HINT_T0);
             for (int j = 0; j < NJ; j++)
-                acc[i][j] = _mm512_fmadd_ps(w[j], xv, acc[i][j]);
+                w[j] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(wp[j] + k)));
+            for (int i = 0; i < MB; i++) {
+                const __m512i xv = _mm512_loadu_si512(xp[i] + k);
+                for (int j = 0; j < NJ; j++)
+                    acc[i][j] = _mm512_dpwssd_epi32(acc[i][j], w[j], xv);
+            }
         }
-    }
-    if (k < K) {                                   /* the last K % 16, masked */
-        const __mmask16 m = tail16(K - k);
-        for (int j = 0; j < NJ; j++) {
-            const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, wp[j] + k)));
-            for (int i = 0; i < MB; i++)
-                acc[i][j] = _mm512_fmadd_ps(w, load_bf16x16_masked(xp[i] + k, m), acc[i][j]);
+        if (k < k1) {                                  /* the last K % 32, masked */
+            const __mmask32 m = (__mmask32)((1u << (k1 - k)) - 1);
+            for (int j = 0; j < NJ; j++) {
+                const __m512i w = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(m, wp[j] + k));
+                for (int i = 0; i < MB; i++)
+                    acc[i][j] = _mm512_dpwssd_epi32(acc[i][j], w, _mm512_maskz_loadu_epi16(m, xp[i] + k));
+            }
         }
+        for (int i = 0; i < MB; i++)
+            for (int j = 0; j < NJ; j++)
+                total[i][j] = _mm512_add_ps(total[i][j], _mm512_cvtepi32_ps(acc[i][j]));
     }
     for (int i = 0; i < MB && m0 + i < M; i++)
         for (int j = 0; j < NJ && n0 + j < N; j++) {
             const long o = (m0 + i) * N + n0 + j;
-            float v = _mm512_reduce_add_ps(acc[i][j]) * bf16_f32(scales[n0 + j]);
+            float v = _mm512_reduce_add_ps(total[i][j]) * xs[m0 + i] * bf16_f32(scales[n0 + j]);
             if (r)
                 v += bf16_f32(r[o]);
             y[o] = f32_bf16(v);
@@ -118,20 +145,20 @@ static inline __attribute__((always_inline)) void int8_block(
 }
 
 /* All M rows of NB8 channels from n0: blocks of 4 rows (two halves of the channels), then 2 and 1. */
-static inline void int8_channels(const uint16_t *x, const int8_t *q, const uint16_t *scales, const uint16_t *r,
-                                 uint16_t *y, long M, long N, long K, long n0) {
+static inline void int8_channels(const int16_t *xq, const float *xs, const int8_t *q, const uint16_t *scales,
+                                 const uint16_t *r, uint16_t *y, long M, long N, long K, long n0) {
     long m0 = 0;
     for (; m0 + 4 <= M; m0 += 4) {
-        int8_block(x, q, scales, r, y, M, N, K, m0, n0, 4, NB8 / 2);
+        int8_block(xq, xs, q, scales, r, y, M, N, K, m0, n0, 4, NB8 / 2);
         if (n0 + NB8 / 2 < N)
-            int8_block(x, q, scales, r, y, M, N, K, m0, n0 + NB8 / 2, 4, NB8 / 2);
+            int8_block(xq, xs, q, scales, r, y, M, N, K, m0, n0 + NB8 / 2, 4, NB8 / 2);
     }
     if (M - m0 >= 2) {
-        int8_block(x, q, scales, r, y, M, N, K, m0, n0, 2, NB8);
+        int8_block(xq, xs, q, scales, r, y, M, N, K, m0, n0, 2, NB8);
         m0 += 2;
     }
     if (m0 < M)
-        int8_block(x, q, scales, r, y, M, N, K, m0, n0, 1, NB8);
+        int8_block(xq, xs, q, scales, r, y, M, N, K, m0, n0, 1, NB8);
 }
 
 /* One query (hs bf16) against n cached keys and values (positions hs apart), GQA-agnostic:
