@@ -7,10 +7,10 @@
 
 Built with the system C compiler (`cc -O3 -march=native -fopenmp`) into one shared library in a
 cache directory ($ATTNSERVE_CACHE, else ~/.cache/attnserve), keyed by the sources and the CPU's
-flags, and called through ctypes. They need AVX512-BF16; where the CPU lacks it, or no compiler is
-installed, or the build fails, `available()` is False and `unavailable_reason()` says why, and
-callers keep PyTorch's kernels. Whether they are used at all is measured per model at load
-(model/quantization.py).
+flags, and called through ctypes. They need AVX512-BF16 and AVX512-VNNI; where the CPU lacks
+them, or no compiler is installed, or the build fails, `available()` is False and
+`unavailable_reason()` says why, and callers keep PyTorch's kernels. Whether they are used at
+all is measured per model at load (model/quantization.py).
 """
 
 from __future__ import annotations
@@ -47,8 +47,9 @@ def _cache_dir() -> Path:
 def _load() -> tuple[ctypes.CDLL | None, str]:
     """(the library, "") or (None, why not)."""
     flags = _cpu_flags()
-    if "avx512_bf16" not in flags.split():
-        return None, "the CPU has no AVX512-BF16 (no avx512_bf16 in /proc/cpuinfo)"
+    missing = [flag for flag in ("avx512_bf16", "avx512_vnni") if flag not in flags.split()]
+    if missing:
+        return None, f"the CPU lacks {' and '.join(missing)} (/proc/cpuinfo)"
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
         return None, "no C compiler (cc) on PATH"
