@@ -84,13 +84,15 @@ class FusedDecode:
 
     @staticmethod
     def supports(model) -> bool:
-        """Whether decode.c can run this model: bf16 weights laid out (out, in), hs a multiple of 32."""
+        """Whether decode.c can run this model: bf16 weights laid out (out, in), hs a multiple of 32,
+        the MLP's width one of 16."""
         c = model.config
         projections = [w for b in model.layers
                        for w in (b.self_attn.w_qkv, b.self_attn.w_o, b.mlp.w_gate_up, b.mlp.w_down)]
         return (native.available() and model.embed_tokens.weight.dtype == torch.bfloat16
                 and all(native.fits(w) for w in projections) and model.lm_head.weight.is_contiguous()
                 and c.head_dim % 32 == 0 and c.head_dim <= 256 and c.n_heads % c.n_kv_heads == 0
+                and c.intermediate_size % 16 == 0
                 and model.rope_cos.dtype == torch.bfloat16 and model.rope_cos.is_contiguous())
 
     def fits(self, rows: int, cache: KVCache) -> bool:

@@ -86,14 +86,17 @@ static void project(const Mat *mat, const Step *st, const uint16_t *x, const uin
     }
 }
 
-/* Rotate one head vector in place: round(round(x · cos) + roll(x, hs/2) · sin), as apply_rope. */
+/* Rotate one head vector in place: round(round(x · cos) + roll(x, hs/2) · sin), as apply_rope
+   (hs a multiple of 32, so each half is whole 16-lane chunks). */
 static void rope(uint16_t *x, const uint16_t *cos, const uint16_t *sin, long hs) {
-    float rolled[256];
-    for (long d = 0; d < hs; d++)
-        rolled[d] = bf16_f32(x[(d + hs / 2) % hs]);
-    for (long d = 0; d < hs; d++) {
-        const float scaled = bf16_f32(f32_bf16(bf16_f32(x[d]) * bf16_f32(cos[d])));
-        x[d] = f32_bf16(scaled + rolled[d] * bf16_f32(sin[d]));
+    __m512 v[16];                                       /* hs ≤ 256: the input, before any chunk is written */
+    for (long c = 0; c < hs / 16; c++)
+        v[c] = load_bf16x16(x + 16 * c);
+    for (long c = 0; c < hs / 16; c++) {
+        const __m512 rolled = v[(c + hs / 32) % (hs / 16)];
+        const __m512 scaled = round_bf16(_mm512_mul_ps(v[c], load_bf16x16(cos + 16 * c)));
+        const __m512 out = _mm512_fmadd_ps(rolled, load_bf16x16(sin + 16 * c), scaled);
+        _mm256_storeu_si256((__m256i *)(x + 16 * c), (__m256i)_mm512_cvtneps_pbh(out));
     }
 }
 
@@ -143,11 +146,12 @@ void bf16_decode_step(const Model *md, const Step *st) {
             rmsnorm_rows(x, ly->mlp_norm, xn, B, C, md->eps);
             project(&ly->gate_up, st, xn, NULL, gu, 2 * I, C);
             #pragma omp for schedule(static)
-            for (long mi = 0; mi < B * I; mi++) {               /* silu(gate) · up, each rounded */
-                const long m = mi / I, i = mi % I;
-                const float g = bf16_f32(gu[m * 2 * I + i]);
-                const float s = bf16_f32(f32_bf16(g / (1.0f + expf(-g))));
-                h[mi] = f32_bf16(s * bf16_f32(gu[m * 2 * I + I + i]));
+            for (long mi = 0; mi < B * I; mi += 16) {           /* silu(gate) · up, each rounded */
+                const long m = mi / I, i = mi % I;              /* (I % 16 == 0: rows are whole chunks) */
+                const __m512 g = load_bf16x16(gu + m * 2 * I + i), up = load_bf16x16(gu + m * 2 * I + I + i);
+                const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+                const __m512 s = round_bf16(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
+                _mm256_storeu_si256((__m256i *)(h + mi), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(s, up)));
             }
             project(&ly->down, st, h, x, x, C, I);            /* x += mlp */
             if (st->hidden && st->hidden_layers[l]) {
