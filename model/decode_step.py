@@ -22,7 +22,7 @@ from model import native
 from model.kv_cache import KVCache, Slots
 
 _ptr, _long = ctypes.c_void_p, ctypes.c_long
-SCRATCH = ("x", "xn", "qkv", "att", "gu", "h", "out", "scores", "xq", "xs")   # decode.c's Step, in its order
+SCRATCH = ("x", "xn", "qkv", "att", "gu", "h", "out", "scores", "xq", "xs", "xt")   # decode.c's Step, in its order
 
 
 class _Mat(ctypes.Structure):
@@ -42,7 +42,8 @@ class _Model(ctypes.Structure):
 
 class _Step(ctypes.Structure):
     _fields_ = [("B", _long), ("tokens", _ptr), ("positions", _ptr), ("slots", _ptr), ("kv", _ptr),
-                ("max_batch", _long), ("max_context", _long), ("int8", ctypes.c_int), ("logits", _ptr),
+                ("max_batch", _long), ("max_context", _long), ("int8", ctypes.c_int), ("amx", ctypes.c_int),
+                ("logits", _ptr),
                 ("attn", _ptr), ("attn_len", _long), ("attn_layers", _ptr),
                 ("hidden", _ptr), ("hidden_layers", _ptr)] + [(name, _ptr) for name in SCRATCH]
 
@@ -81,6 +82,10 @@ class FusedDecode:
         self._step = _Step()
         self._slot_ids = torch.arange(0)
         self._embed = model.embed_tokens.weight.data_ptr()   # moved (model.to(...)): the pointers are stale
+        # AMX tiles take the dense projections where the CPU has them and every shape is whole tiles
+        shapes = [(c.dim, (c.n_heads + 2 * c.n_kv_heads) * c.head_dim), (c.dim, c.dim),
+                  (c.dim, 2 * c.intermediate_size), (c.intermediate_size, c.dim), (c.dim, c.vocab_size)]
+        self.amx = native.amx_available() and all(k % 32 == 0 and n % 16 == 0 for k, n in shapes)
 
     @staticmethod
     def supports(model) -> bool:
@@ -111,6 +116,8 @@ class FusedDecode:
             self._scratch["scores"] = torch.empty(rows * c.n_heads * context)
             self._scratch["xq"] = torch.empty(rows * max(c.dim, c.intermediate_size), dtype=torch.int16)
             self._scratch["xs"] = torch.empty(rows)
+            k_blocks, m_blocks = max(c.dim, c.intermediate_size) // 32 + 1, -(-rows // 16)
+            self._scratch["xt"] = torch.empty(k_blocks * m_blocks * 512, dtype=torch.bfloat16)
             self._scratch_for = (rows, context)
             self._step = _Step(**{name: self._scratch[name].data_ptr() for name in SCRATCH})
             self._slot_ids = torch.arange(4 * rows)
@@ -144,6 +151,7 @@ class FusedDecode:
         step.B, step.tokens, step.positions, step.slots = B, tokens.data_ptr(), positions.data_ptr(), slots.data_ptr()
         step.kv, step.max_batch, step.max_context = cache.kv.data_ptr(), cache.max_batch, cache.max_context
         step.int8 = self.int8 and self.choice.fused_int8_max_rows >= B
+        step.amx = self.amx
         step.logits, step.attn, step.attn_len, step.attn_layers = logits.data_ptr(), ptr(attn), kv_len, ptr(attn_mask)
         step.hidden, step.hidden_layers = ptr(hidden), ptr(hidden_mask)
         native.decode_step(self._model, step)

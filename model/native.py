@@ -4,6 +4,7 @@
     gemv.c        y = x @ w (+ residual) for a few rows of bf16 activations; bf16 or int8 weights
     attention.c   one query per row and head against its cached bf16 keys and values
     decode.c      a whole decode step, embedding to logits (model/decode_step.py)
+    amx.h         its bf16 projections on AMX tiles, where the CPU has them
 
 Built with the system C compiler (`cc -O3 -march=native -fopenmp`) into one shared library in a
 cache directory ($ATTNSERVE_CACHE, else ~/.cache/attnserve), keyed by the sources and the CPU's
@@ -77,11 +78,20 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.int8_gemv.restype = None
     lib.bf16_decode_step.argtypes = [ctypes.c_void_p] * 2
     lib.bf16_decode_step.restype = None
+    lib.amx_init.restype = ctypes.c_int
     return lib, ""
 
 
 def available() -> bool:
     return _load()[0] is not None
+
+
+@functools.cache
+def amx_available() -> bool:
+    """Whether the fused decode step may put its bf16 projections on AMX tiles: the CPU has them
+    (amx_bf16 in /proc/cpuinfo, so -march=native compiled them in) and Linux grants this process
+    their state (arch_prctl ARCH_REQ_XCOMP_PERM)."""
+    return available() and "amx_bf16" in _cpu_flags().split() and _load()[0].amx_init() == 0
 
 
 def unavailable_reason() -> str:

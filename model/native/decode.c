@@ -10,11 +10,12 @@
    parallel region covers the step; its phases are `omp for` loops, whose barriers order them.
 
    The KV cache is model/kv_cache.py's bf16 tensor (L, max_batch, 2, nkv, max_context, hs).
-   Projections are bf16 (N, K) or, with `int8`, weight-only int8 (N, K) + bf16 scales (N,).
+   Projections are bf16 (N, K) — on AMX tiles with `amx` — or, with `int8`, weight-only int8
+   (N, K) + bf16 scales (N,).
    Optionally writes each asked-for layer's attention probabilities (float32) and its output. */
 
 #include <stddef.h>
-#include "kernels.h"
+#include "amx.h"
 
 typedef struct {
     const uint16_t *w;          /* (N, K) bf16 */
@@ -43,6 +44,7 @@ typedef struct {
     uint16_t *kv;                               /* the cache, bf16 */
     long max_batch, max_context;
     int int8;                                   /* the int8 weights for every projection */
+    int amx;                                    /* else the bf16 ones on AMX tiles (amx.h) */
     float *logits;                              /* (B, V) out */
     float *attn; long attn_len;                 /* (L, B, nh, attn_len) out where attn_layers[l], or NULL */
     const uint8_t *attn_layers;
@@ -51,6 +53,7 @@ typedef struct {
     uint16_t *x, *xn, *qkv, *att, *gu, *h, *out; /* scratch (B, ·) bf16 */
     float *scores;                              /* scratch: (B, nh, max_context) */
     int16_t *xq; float *xs;                     /* scratch: the int8 kernel's activations (B, max K), (B,) */
+    uint16_t *xt;                               /* scratch: the AMX kernel's (amx_pack) */
 } Step;
 
 static void rmsnorm_rows(const uint16_t *x, const uint16_t *gain, uint16_t *out, long B, long C, float eps) {
@@ -79,6 +82,11 @@ static void project(const Mat *mat, const Step *st, const uint16_t *x, const uin
         #pragma omp for schedule(static)
         for (long n0 = 0; n0 < N; n0 += NB8)
             int8_channels(st->xq, st->xs, mat->q, mat->scales, r, y, B, N, K, n0);
+#if HAVE_AMX
+    } else if (st->amx) {
+        amx_pack(x, st->xt, B, K);
+        amx_project(mat->w, st->xt, r, y, B, N, K);
+#endif
     } else {
         #pragma omp for schedule(static)
         for (long n0 = 0; n0 < N; n0 += NB)
@@ -108,6 +116,10 @@ void bf16_decode_step(const Model *md, const Step *st) {
     uint16_t *x = st->x, *xn = st->xn, *qkv = st->qkv, *att = st->att, *gu = st->gu, *h = st->h, *out = st->out;
     #pragma omp parallel
     {
+#if HAVE_AMX
+        if (st->amx)
+            amx_configure();
+#endif
         #pragma omp for schedule(static)
         for (long m = 0; m < B; m++)
             memcpy(x + m * C, md->embed + st->tokens[m] * C, C * sizeof(uint16_t));
@@ -165,5 +177,9 @@ void bf16_decode_step(const Model *md, const Step *st) {
         #pragma omp for schedule(static)
         for (long i = 0; i < B * V; i++)
             st->logits[i] = bf16_f32(out[i]);
+#if HAVE_AMX
+        if (st->amx)
+            _tile_release();
+#endif
     }
 }
