@@ -82,10 +82,7 @@ class FusedDecode:
         self._step = _Step()
         self._slot_ids = torch.arange(0)
         self._embed = model.embed_tokens.weight.data_ptr()   # moved (model.to(...)): the pointers are stale
-        # AMX tiles take the dense projections where the CPU has them and every shape is whole tiles
-        shapes = [(c.dim, (c.n_heads + 2 * c.n_kv_heads) * c.head_dim), (c.dim, c.dim),
-                  (c.dim, 2 * c.intermediate_size), (c.intermediate_size, c.dim), (c.dim, c.vocab_size)]
-        self.amx = native.amx_available() and all(k % 32 == 0 and n % 16 == 0 for k, n in shapes)
+        self.amx = native.amx_available()          # dense projections on AMX tiles, where their shapes fit
 
     @staticmethod
     def supports(model) -> bool:

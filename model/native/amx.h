@@ -9,7 +9,7 @@
    B0/B1 (tiles 3, 4) are the same 32 k of 16 rows of x, in the tile's pair layout: row r holds
    (x[m][2r], x[m][2r+1]) for each m — made once per projection by `amx_pack`. Products are exact
    in float32 and summed there, as the other kernels do. Needs K % 32 == 0 and N % 16 == 0
-   (decode_step.py checks), and the process's permission to use tile data (`amx_init`). */
+   (decode.c checks, per matrix) and the process's permission to use tile data (`amx_init`). */
 
 #ifndef ATTNSERVE_AMX_H
 #define ATTNSERVE_AMX_H

@@ -44,7 +44,7 @@ typedef struct {
     uint16_t *kv;                               /* the cache, bf16 */
     long max_batch, max_context;
     int int8;                                   /* the int8 weights for every projection */
-    int amx;                                    /* else the bf16 ones on AMX tiles (amx.h) */
+    int amx;                                    /* else the bf16 ones on AMX tiles where they fit (amx.h) */
     float *logits;                              /* (B, V) out */
     float *attn; long attn_len;                 /* (L, B, nh, attn_len) out where attn_layers[l], or NULL */
     const uint8_t *attn_layers;
@@ -83,7 +83,7 @@ static void project(const Mat *mat, const Step *st, const uint16_t *x, const uin
         for (long n0 = 0; n0 < N; n0 += NB8)
             int8_channels(st->xq, st->xs, mat->q, mat->scales, r, y, B, N, K, n0);
 #if HAVE_AMX
-    } else if (st->amx) {
+    } else if (st->amx && K % 32 == 0 && N % 16 == 0) {   /* whole tiles only */
         amx_pack(x, st->xt, B, K);
         amx_project(mat->w, st->xt, r, y, B, N, K);
 #endif

@@ -20,25 +20,29 @@ needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernel
 
 
 @needs_native
-@pytest.mark.parametrize("setting", [dict(dtype="bfloat16"),
-                                     dict(dtype="bfloat16", quantization="int8", int8_max_rows=8)])
-def test_the_fused_step_is_the_python_path(setting):
-    """Three rows in scattered slots at different positions, every layer's attention and output
-    asked for: twelve steps, fused and not, each on its own cache filled by the same prefills."""
-    model, _ = load_checkpoint(CALCULATOR, fused_max_rows=8, **setting)
+@pytest.mark.parametrize("setting, rows", [(dict(dtype="bfloat16"), 3), (dict(dtype="bfloat16"), 37),
+                                           (dict(dtype="bfloat16", quantization="int8", int8_max_rows=64), 3),
+                                           (dict(dtype="bfloat16", quantization="int8", int8_max_rows=64), 37)])
+def test_the_fused_step_is_the_python_path(setting, rows):
+    """Rows in scattered slots at different positions (37: more than two AMX tiles of rows, where
+    the CPU has them), every layer's attention and output asked for: twelve steps, fused and not,
+    each on its own cache filled by the same prefills."""
+    model, _ = load_checkpoint(CALCULATOR, fused_max_rows=64, **setting)
     fused = model.fused_decode
     assert fused is not None
     c = model.config
-    slots, lengths = torch.tensor([2, 0, 3]), [5, 11, 8]
-    caches = [model.new_cache(4, 64), model.new_cache(4, 64)]
+    slots = torch.randperm(rows + 1, generator=torch.Generator().manual_seed(0))[:rows]   # one slot unused
+    lengths = [5 + (7 * i) % 11 for i in range(rows)]
+    caches = [model.new_cache(rows + 1, 64), model.new_cache(rows + 1, 64)]
     layers = range(c.n_layers)
     with torch.inference_mode():
         for cache in caches:
             for row, n in enumerate(lengths):
                 ids = torch.randint(3, c.vocab_size, (1, n), generator=torch.Generator().manual_seed(row))
                 model(ids, positions=torch.arange(n)[None], cache=cache, slots=slots[row: row + 1])
-        tokens, positions = torch.tensor([[7], [8], [9]]), torch.tensor([[n] for n in lengths])
+        tokens, positions = torch.arange(7, 7 + rows)[:, None], torch.tensor([[n] for n in lengths])
         for _ in range(12):
+            caches[0].kv.copy_(caches[1].kv)        # each step from the same state: no drift between the two
             model.fused_decode = fused
             ours = model(tokens, positions=positions, cache=caches[0], slots=slots, attn_layers=layers,
                          hidden_layers=layers)
@@ -47,19 +51,22 @@ def test_the_fused_step_is_the_python_path(setting):
                            hidden_layers=layers)
             scale = theirs.logits.abs().max()
             assert ours.logits.dtype == torch.float32 and ours.logits.shape == theirs.logits.shape
-            # bf16 results: a last-bit difference here and there (sums taken in another order;
-            # measured: logits within 0.002 of their scale, attention within 1e-6)
+            # bf16 results: a last-bit difference here and there (sums taken in another order).
+            # Measured: 3 rows (the Python path on the same kernels) logits within 0.002 of their
+            # scale, attention within 1e-6; 37 rows (it on the library GEMM) 0.003 and 0.009 (one
+            # bf16 step in a q or k element moves a score by ~0.4%).
             assert (ours.logits - theirs.logits).abs().max() <= 0.01 * scale
             assert torch.equal(ours.logits.argmax(-1), theirs.logits.argmax(-1))
             for i in layers:
                 assert ours.attentions[i].shape == theirs.attentions[i].shape          # (B, nh, 1, S)
-                assert (ours.attentions[i] - theirs.attentions[i]).abs().max() <= 1e-4
-                assert torch.allclose(ours.attentions[i].sum(-1), torch.ones(3, c.n_heads, 1), atol=1e-5)
+                assert (ours.attentions[i] - theirs.attentions[i]).abs().max() <= 2e-2
+                assert torch.allclose(ours.attentions[i].sum(-1), torch.ones(rows, c.n_heads, 1), atol=1e-5)
                 assert (ours.hidden[i].float() - theirs.hidden[i].float()).abs().max() <= \
                     0.02 * theirs.hidden[i].float().abs().max()
             tokens, positions = theirs.logits.argmax(-1), positions + 1
     a, b = (cache.kv.float() for cache in caches)
-    assert (a - b).abs().max() <= 0.02 * b.abs().max() and not a[:, 1].any()   # slot 1 never written
+    unused = sorted(set(range(rows + 1)) - set(slots.tolist()))
+    assert (a - b).abs().max() <= 0.02 * b.abs().max() and not a[:, unused].any()   # never written
 
 
 @needs_native
