@@ -10,11 +10,15 @@ model already filled from them (model/checkpoint.py):
                layout oneDNN's bf16 GEMM reads without a copy. Norms and softmax accumulate in f32.
     int8       weight-only, per output channel: w ≈ scale[o] · q[o, i], q in [-127, 127], for every
                projection and the LM head (a tied head gets its own int8 copy; the embedding stays
-               dense). Rows up to `int8_max_rows` run `torch._weight_int8pack_mm` (int8 weights,
-               bf16 activations); larger batches run the dense GEMM of the compute dtype over the
-               *dequantised* weights, so both kernels compute the same function of the same numbers.
-               `int8_max_rows` is measured at load: the largest batch size for which the int8 kernel
-               beats the dense one over this model's own matrices.
+               dense). Rows up to `int8_max_rows` run the int8 kernel (model/native, else
+               `torch._weight_int8pack_mm`; bf16 activations); larger batches run the dense GEMM of
+               the compute dtype over the *dequantised* weights, so both kernels compute the same
+               function of the same numbers. `int8_max_rows` is measured at load: the largest batch
+               size for which the int8 kernel beats the dense one over this model's own matrices.
+
+Every choice is measured at load, on this machine, with the model's own weights (`_race`): the
+Python path's kernels per batch size (int8, the bf16 matrix-vector kernel, the library GEMM), then
+for bf16 models the fused decode step (model/decode_step.py) against that path, and int8 inside it.
 
 Attention probabilities returned to users are float32 whatever the compute dtype (see
 model/attention.py), and logits leave the model as float32 for sampling.
