@@ -1,8 +1,8 @@
 /* The arithmetic the decode kernels share (gemv.c, attention.c, decode.c), inlined into each.
 
    Numbers: bf16 stored as uint16_t; every dot product accumulates in float32 (the int8 one in
-   int32) and is rounded once to bf16 (round to nearest even, as torch), so a row's result does not depend on the other rows
-   of its batch. */
+   int32, then float32) and is rounded once to bf16 (round to nearest even, as torch), so a row's
+   result does not depend on the other rows of its batch. */
 
 #ifndef ATTNSERVE_KERNELS_H
 #define ATTNSERVE_KERNELS_H
