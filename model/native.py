@@ -76,8 +76,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.bf16_decode_attention.restype = None
     lib.int8_gemv.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_long] * 3
     lib.int8_gemv.restype = None
-    lib.bf16_decode_step.argtypes = [ctypes.c_void_p] * 2
-    lib.bf16_decode_step.restype = None
+    lib.decode_step.argtypes = [ctypes.c_void_p] * 2
+    lib.decode_step.restype = None
     lib.amx_init.restype = ctypes.c_int
     return lib, ""
 
@@ -129,8 +129,8 @@ def int8_gemv(x: Tensor, q: Tensor, scales: Tensor, residual: Tensor | None = No
 
 
 def decode_step(model_struct, step_struct) -> None:
-    """model/native/decode.c's bf16_decode_step on ctypes structures (model/decode_step.py)."""
-    _load()[0].bf16_decode_step(ctypes.addressof(model_struct), ctypes.addressof(step_struct))
+    """model/native/decode.c's decode_step on ctypes structures (model/decode_step.py)."""
+    _load()[0].decode_step(ctypes.addressof(model_struct), ctypes.addressof(step_struct))
 
 
 def decode_attention_fits(q: Tensor, k: Tensor, v: Tensor) -> bool:

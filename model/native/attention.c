@@ -21,6 +21,6 @@ void bf16_decode_attention(const uint16_t *restrict q, const uint16_t *restrict 
     for (long bh = 0; bh < B * nh; bh++) {
         const long b = bh / nh, h = bh % nh, kvh = h / group;
         attend(q + b * q_batch + h * q_head, k + b * kv_batch + kvh * kv_head, v + b * kv_batch + kvh * kv_head,
-               lengths[b], hs, work + bh * S, out + bh * hs, NULL);
+               lengths[b], hs, work + bh * S, out + bh * hs, NULL, 0);
     }
 }

@@ -1,7 +1,7 @@
 /* One whole decode step in one call: B rows, one new token each, through every layer to the logits.
 
-   The same arithmetic as model/transformer.py's bf16 path, step for step (each tensor the Python
-   path rounds to bf16 is rounded here too): embedding row → per layer [RMSNorm → q/k/v → RoPE →
+   The same arithmetic as model/transformer.py's path, step for step (each tensor that path rounds
+   to bf16 is rounded here too): embedding row → per layer [RMSNorm → q/k/v → RoPE →
    this token's key and value into the cache → attention over the row's cached positions → + o
    projection; RMSNorm → gate/up → silu(gate) · up → + down projection] → RMSNorm → head.
 
@@ -9,31 +9,36 @@
    its weight products; here the step costs its weight products and little more. One OpenMP
    parallel region covers the step; its phases are `omp for` loops, whose barriers order them.
 
-   The KV cache is model/kv_cache.py's bf16 tensor (L, max_batch, 2, nkv, max_context, hs).
-   Projections are bf16 (N, K) — on AMX tiles with `amx` — or, with `int8`, weight-only int8
-   (N, K) + bf16 scales (N,).
-   Optionally writes each asked-for layer's attention probabilities (float32) and its output. */
+   A bf16 model's activations, weights and KV cache are bf16; a float32 model's (`f32`) are float32,
+   nothing rounded but where float32 rounds. The KV cache is model/kv_cache.py's tensor
+   (L, max_batch, 2, nkv, max_context, hs). Projections are bf16 (N, K) — on AMX tiles with `amx` —
+   or, with `int8`, weight-only int8 (N, K) + bf16 scales (N,), or float32 (K, N) (`kn`: the f32
+   model's x @ w layout; its head is (N, K)). Optionally writes each asked-for layer's attention
+   probabilities (float32) and its output. */
 
+#include <omp.h>
 #include <stddef.h>
 #include "amx.h"
 
 typedef struct {
-    const uint16_t *w;          /* (N, K) bf16 */
+    const void *w;              /* bf16 (N, K), or float32: (K, N) where kn, else (N, K) */
     const int8_t *q;            /* (N, K) int8, or NULL */
     const uint16_t *scales;     /* (N,) bf16, with q */
+    int kn;
 } Mat;
 
 typedef struct {
-    const uint16_t *attn_norm, *mlp_norm;   /* (C,) bf16 gains */
+    const void *attn_norm, *mlp_norm;       /* (C,) gains */
     Mat qkv, o, gate_up, down;
 } Layer;
 
 typedef struct {
     long dim, n_layers, n_heads, n_kv_heads, head_dim, intermediate, vocab;
     float eps;
-    const uint16_t *embed;                  /* (V, C) */
-    const uint16_t *final_norm;             /* (C,) */
-    const uint16_t *rope_cos, *rope_sin;    /* (P, hs): (cos, cos) and (−sin, sin) */
+    int f32;                                /* a float32 model: float32 activations, weights, cache */
+    const void *embed;                      /* (V, C) */
+    const void *final_norm;                 /* (C,) */
+    const void *rope_cos, *rope_sin;        /* (P, hs): (cos, cos) and (−sin, sin) */
     Mat head;                               /* (V, C) */
     const Layer *layers;
 } Model;
@@ -41,44 +46,94 @@ typedef struct {
 typedef struct {
     long B;
     const int64_t *tokens, *positions, *slots;  /* (B,) each */
-    uint16_t *kv;                               /* the cache, bf16 */
+    void *kv;                                   /* the cache */
     long max_batch, max_context;
     int int8;                                   /* the int8 weights for every projection */
     int amx;                                    /* else the bf16 ones on AMX tiles where they fit (amx.h) */
+    int threads;                                /* OpenMP threads (the float32 kernel's partial sums) */
     float *logits;                              /* (B, V) out */
     float *attn; long attn_len;                 /* (L, B, nh, attn_len) out where attn_layers[l], or NULL */
     const uint8_t *attn_layers;
-    uint16_t *hidden;                           /* (L, B, C) out where hidden_layers[l], or NULL */
+    void *hidden;                               /* (L, B, C) out where hidden_layers[l], or NULL */
     const uint8_t *hidden_layers;
-    uint16_t *x, *xn, *qkv, *att, *gu, *h, *out; /* scratch (B, ·) bf16 */
+    void *x, *xn, *qkv, *att, *gu, *h, *out;    /* scratch (B, ·), the activations' dtype */
     float *scores;                              /* scratch: (B, nh, max_context) */
     int16_t *xq; float *xs;                     /* scratch: the int8 kernel's activations (B, max K), (B,) */
     uint16_t *xt;                               /* scratch: the AMX kernel's (amx_pack) */
+    float *part;                                /* scratch: the float32 kernel's (threads, B, max N) */
 } Step;
 
-static void rmsnorm_rows(const uint16_t *x, const uint16_t *gain, uint16_t *out, long B, long C, float eps) {
+static inline void *at(const void *p, long i, int f32) { return (char *)p + i * (f32 ? 4 : 2); }
+
+static void rmsnorm_rows(const void *x, const void *gain, void *out, long B, long C, float eps, int f32) {
     #pragma omp for schedule(static)
-    for (long m = 0; m < B; m++) {
-        const uint16_t *row = x + m * C;
-        float ss = 0;
-        for (long c = 0; c < C; c++) {
-            const float v = bf16_f32(row[c]);
-            ss += v * v;
+    for (long m = 0; m < B; m++) {                  /* (C % 16 == 0) */
+        __m512 ss = _mm512_setzero_ps();
+        for (long c = 0; c < C; c += 16) {
+            const __m512 v = act_load(x, m * C + c, f32);
+            ss = _mm512_fmadd_ps(v, v, ss);
         }
-        const float inv = 1.0f / sqrtf(ss / (float)C + eps);
-        for (long c = 0; c < C; c++)
-            out[m * C + c] = f32_bf16(bf16_f32(row[c]) * inv * bf16_f32(gain[c]));
+        const __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(ss) / (float)C + eps));
+        for (long c = 0; c < C; c += 16)
+            act_store(out, m * C + c, _mm512_mul_ps(_mm512_mul_ps(act_load(x, m * C + c, f32), inv),
+                                                   act_load(gain, c, f32)), f32);
     }
 }
 
+/* float32 y (M, N) = x (M, K) · w (K, N) (+ r), w row-major (in, out): each thread sums its share of
+   the k rows (a contiguous run of w, streamed once) over all N, then the shares are added. */
+static void f32_project_kn(const float *w, const float *x, const float *r, float *y, long M, long N, long K,
+                           float *part) {
+    const int t = omp_get_thread_num(), T = omp_get_num_threads();
+    const long k0 = K * t / T, k1 = K * (t + 1) / T;
+    float *p = part + t * M * N;
+    memset(p, 0, M * N * sizeof(float));
+    for (long k = k0; k < k1; k++)
+        for (long m = 0; m < M; m++) {
+            const __m512 xk = _mm512_set1_ps(x[m * K + k]);
+            for (long n = 0; n < N; n += 16) {
+                const __mmask16 live = tail16(N - n);
+                _mm512_mask_storeu_ps(p + m * N + n, live, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(live, w + k * N + n), xk,
+                                                                          _mm512_maskz_loadu_ps(live, p + m * N + n)));
+            }
+        }
+    #pragma omp barrier
+    #pragma omp for schedule(static)
+    for (long i = 0; i < M * N; i++) {
+        float v = r ? r[i] : 0.0f;
+        for (int u = 0; u < T; u++)
+            v += part[u * M * N + i];
+        y[i] = v;
+    }
+}
+
+/* float32 y (M, N) = x (M, K) · w (N, K)ᵀ: the float32 model's head (nn.Linear's layout). */
+static void f32_project_nk(const float *w, const float *x, float *y, long M, long N, long K) {
+    #pragma omp for schedule(static)
+    for (long n = 0; n < N; n++)
+        for (long m = 0; m < M; m++) {
+            __m512 acc = _mm512_setzero_ps();
+            for (long k = 0; k < K; k += 16) {
+                const __mmask16 live = tail16(K - k);
+                acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(live, w + n * K + k), _mm512_maskz_loadu_ps(live, x + m * K + k), acc);
+            }
+            y[m * N + n] = _mm512_reduce_add_ps(acc);
+        }
+}
+
 /* y (B, N) = x (B, K) · matᵀ (+ r): must be called by every thread of the region. */
-static void project(const Mat *mat, const Step *st, const uint16_t *x, const uint16_t *r, uint16_t *y,
+static void project(const Mat *mat, const Model *md, const Step *st, const void *x, const void *r, void *y,
                     long N, long K) {
     const long B = st->B;
-    if (st->int8) {
+    if (md->f32) {
+        if (mat->kn)
+            f32_project_kn(mat->w, x, r, y, B, N, K, st->part);
+        else
+            f32_project_nk(mat->w, x, y, B, N, K);          /* (the head: no residual) */
+    } else if (st->int8) {
         #pragma omp for schedule(static)
         for (long m = 0; m < B; m++)
-            fixed16_row(x + m * K, st->xq + m * K, st->xs + m, K);
+            fixed16_row((const uint16_t *)x + m * K, st->xq + m * K, st->xs + m, K);
         #pragma omp for schedule(static)
         for (long n0 = 0; n0 < N; n0 += NB8)
             int8_channels(st->xq, st->xs, mat->q, mat->scales, r, y, B, N, K, n0);
@@ -96,25 +151,26 @@ static void project(const Mat *mat, const Step *st, const uint16_t *x, const uin
 
 /* Rotate one head vector in place: round(round(x · cos) + roll(x, hs/2) · sin), as apply_rope
    (hs a multiple of 32, so each half is whole 16-lane chunks). */
-static void rope(uint16_t *x, const uint16_t *cos, const uint16_t *sin, long hs) {
+static void rope(void *x, const void *cos, const void *sin, long hs, int f32) {
     __m512 v[16];                                       /* hs ≤ 256: the input, before any chunk is written */
     for (long c = 0; c < hs / 16; c++)
-        v[c] = load_bf16x16(x + 16 * c);
+        v[c] = act_load(x, 16 * c, f32);
     for (long c = 0; c < hs / 16; c++) {
         const __m512 rolled = v[(c + hs / 32) % (hs / 16)];
-        const __m512 scaled = round_bf16(_mm512_mul_ps(v[c], load_bf16x16(cos + 16 * c)));
-        const __m512 out = _mm512_fmadd_ps(rolled, load_bf16x16(sin + 16 * c), scaled);
-        _mm256_storeu_si256((__m256i *)(x + 16 * c), (__m256i)_mm512_cvtneps_pbh(out));
+        const __m512 scaled = act_round(_mm512_mul_ps(v[c], act_load(cos, 16 * c, f32)), f32);
+        act_store(x, 16 * c, _mm512_fmadd_ps(rolled, act_load(sin, 16 * c, f32), scaled), f32);
     }
 }
 
-void bf16_decode_step(const Model *md, const Step *st) {
+void decode_step(const Model *md, const Step *st) {
     const long B = st->B, C = md->dim, nh = md->n_heads, nkv = md->n_kv_heads, hs = md->head_dim;
     const long I = md->intermediate, V = md->vocab, L = md->n_layers, group = nh / nkv;
     const long width = (nh + 2 * nkv) * hs;             /* one row of qkv */
     const long slot_stride = 2 * nkv * st->max_context * hs, layer_stride = st->max_batch * slot_stride;
-    uint16_t *x = st->x, *xn = st->xn, *qkv = st->qkv, *att = st->att, *gu = st->gu, *h = st->h, *out = st->out;
-    #pragma omp parallel
+    const int f32 = md->f32;
+    const size_t es = f32 ? 4 : 2;
+    void *x = st->x, *xn = st->xn, *qkv = st->qkv, *att = st->att, *gu = st->gu, *h = st->h;
+    #pragma omp parallel num_threads(st->threads)
     {
 #if HAVE_AMX
         if (st->amx)
@@ -122,61 +178,65 @@ void bf16_decode_step(const Model *md, const Step *st) {
 #endif
         #pragma omp for schedule(static)
         for (long m = 0; m < B; m++)
-            memcpy(x + m * C, md->embed + st->tokens[m] * C, C * sizeof(uint16_t));
+            memcpy(at(x, m * C, f32), at(md->embed, st->tokens[m] * C, f32), C * es);
         for (long l = 0; l < L; l++) {
             const Layer *ly = md->layers + l;
-            uint16_t *cache = st->kv + l * layer_stride;
-            rmsnorm_rows(x, ly->attn_norm, xn, B, C, md->eps);
-            project(&ly->qkv, st, xn, NULL, qkv, width, C);
+            void *cache = at(st->kv, l * layer_stride, f32);
+            rmsnorm_rows(x, ly->attn_norm, xn, B, C, md->eps, f32);
+            project(&ly->qkv, md, st, xn, NULL, qkv, width, C);
             /* RoPE on the q and k heads; this token's key and value into the row's slot */
             #pragma omp for schedule(static)
             for (long mh = 0; mh < B * (nh + nkv); mh++) {
                 const long m = mh / (nh + nkv), head = mh % (nh + nkv), pos = st->positions[m];
-                uint16_t *vec = qkv + m * width + head * hs;
-                rope(vec, md->rope_cos + pos * hs, md->rope_sin + pos * hs, hs);
+                void *vec = at(qkv, m * width + head * hs, f32);
+                rope(vec, at(md->rope_cos, pos * hs, f32), at(md->rope_sin, pos * hs, f32), hs, f32);
                 if (head >= nh) {
-                    uint16_t *slot = cache + st->slots[m] * slot_stride;
+                    void *slot = at(cache, st->slots[m] * slot_stride, f32);
                     const long kvh = head - nh;
-                    memcpy(slot + (kvh * st->max_context + pos) * hs, vec, hs * sizeof(uint16_t));
-                    memcpy(slot + ((nkv + kvh) * st->max_context + pos) * hs, vec + nkv * hs, hs * sizeof(uint16_t));
+                    memcpy(at(slot, (kvh * st->max_context + pos) * hs, f32), vec, hs * es);
+                    memcpy(at(slot, ((nkv + kvh) * st->max_context + pos) * hs, f32), at(vec, nkv * hs, f32), hs * es);
                 }
             }
             float *weights = st->attn && st->attn_layers[l] ? st->attn + l * B * nh * st->attn_len : NULL;
             #pragma omp for schedule(static)
             for (long mh = 0; mh < B * nh; mh++) {
                 const long m = mh / nh, head = mh % nh, n = st->positions[m] + 1;
-                const uint16_t *slot = cache + st->slots[m] * slot_stride;
+                const void *slot = at(cache, st->slots[m] * slot_stride, f32);
                 const long kvh = head / group;
                 float *w = weights ? weights + mh * st->attn_len : NULL;
-                attend(qkv + m * width + head * hs, slot + kvh * st->max_context * hs,
-                       slot + (nkv + kvh) * st->max_context * hs, n, hs, st->scores + mh * st->max_context,
-                       att + m * C + head * hs, w);
+                attend(at(qkv, m * width + head * hs, f32), at(slot, kvh * st->max_context * hs, f32),
+                       at(slot, (nkv + kvh) * st->max_context * hs, f32), n, hs, st->scores + mh * st->max_context,
+                       at(att, m * C + head * hs, f32), w, f32);
                 if (w)
                     memset(w + n, 0, (st->attn_len - n) * sizeof(float));
             }
-            project(&ly->o, st, att, x, x, C, C);             /* x += attention · o */
-            rmsnorm_rows(x, ly->mlp_norm, xn, B, C, md->eps);
-            project(&ly->gate_up, st, xn, NULL, gu, 2 * I, C);
+            project(&ly->o, md, st, att, x, x, C, C);          /* x += attention · o */
+            rmsnorm_rows(x, ly->mlp_norm, xn, B, C, md->eps, f32);
+            project(&ly->gate_up, md, st, xn, NULL, gu, 2 * I, C);
             #pragma omp for schedule(static)
             for (long mi = 0; mi < B * I; mi += 16) {           /* silu(gate) · up, each rounded */
                 const long m = mi / I, i = mi % I;              /* (I % 16 == 0: rows are whole chunks) */
-                const __m512 g = load_bf16x16(gu + m * 2 * I + i), up = load_bf16x16(gu + m * 2 * I + I + i);
+                const __m512 g = act_load(gu, m * 2 * I + i, f32), up = act_load(gu, m * 2 * I + I + i, f32);
                 const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
-                const __m512 s = round_bf16(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
-                _mm256_storeu_si256((__m256i *)(h + mi), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(s, up)));
+                const __m512 s = act_round(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), f32);
+                act_store(h, mi, _mm512_mul_ps(s, up), f32);
             }
-            project(&ly->down, st, h, x, x, C, I);            /* x += mlp */
+            project(&ly->down, md, st, h, x, x, C, I);         /* x += mlp */
             if (st->hidden && st->hidden_layers[l]) {
                 #pragma omp for schedule(static)
                 for (long m = 0; m < B; m++)
-                    memcpy(st->hidden + (l * B + m) * C, x + m * C, C * sizeof(uint16_t));
+                    memcpy(at(st->hidden, (l * B + m) * C, f32), at(x, m * C, f32), C * es);
             }
         }
-        rmsnorm_rows(x, md->final_norm, xn, B, C, md->eps);
-        project(&md->head, st, xn, NULL, out, V, C);          /* the logits in bf16, then float32 */
-        #pragma omp for schedule(static)
-        for (long i = 0; i < B * V; i++)
-            st->logits[i] = bf16_f32(out[i]);
+        rmsnorm_rows(x, md->final_norm, xn, B, C, md->eps, f32);
+        if (f32) {
+            project(&md->head, md, st, xn, NULL, st->logits, V, C);
+        } else {
+            project(&md->head, md, st, xn, NULL, st->out, V, C);   /* the logits in bf16, then float32 */
+            #pragma omp for schedule(static)
+            for (long i = 0; i < B * V; i++)
+                st->logits[i] = bf16_f32(((const uint16_t *)st->out)[i]);
+        }
 #if HAVE_AMX
         if (st->amx)
             _tile_release();

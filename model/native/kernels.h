@@ -58,6 +58,21 @@ static inline __m512 exp16(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+/* The fused step's activations are bf16, or float32 for a float32 model (f32): 16 of them as
+   float32, and back (bf16: rounded to nearest even). */
+static inline __m512 act_load(const void *p, long i, int f32) {
+    return f32 ? _mm512_loadu_ps((const float *)p + i) : load_bf16x16((const uint16_t *)p + i);
+}
+
+static inline void act_store(void *p, long i, __m512 v, int f32) {
+    if (f32)
+        _mm512_storeu_ps((float *)p + i, v);
+    else
+        _mm256_storeu_si256((__m256i *)((uint16_t *)p + i), (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+static inline __m512 act_round(__m512 v, int f32) { return f32 ? v : round_bf16(v); }
+
 static inline __mmask16 tail16(long left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1); }
 
 /* Σ_k x[k] w[k] over K bf16 pairs, in float32 (vdpbf16ps: pairs of bf16 products into float32). */
@@ -183,18 +198,23 @@ static inline void int8_channels(const int16_t *xq, const float *xs, const int8_
         int8_block(xq, xs, q, scales, r, y, M, N, K, m0, n0, 1, NB8);
 }
 
-/* One query (hs bf16) against n cached keys and values (positions hs apart), GQA-agnostic:
-   scores q·k / √hs, softmax and the mix of the values in float32 (model/attention.py's explicit
-   path), out rounded to bf16. p: n floats of scratch; weights (n floats) gets the probabilities
-   where not NULL. hs must be a multiple of 32. */
-static inline void attend(const uint16_t *q, const uint16_t *k, const uint16_t *v, long n, long hs,
-                          float *p, uint16_t *out, float *weights) {
+/* One query (hs elements, bf16 or with f32 float32) against n cached keys and values (positions hs
+   apart), GQA-agnostic: scores q·k / √hs, softmax and the mix of the values in float32
+   (model/attention.py's explicit path), out in the query's dtype. p: n floats of scratch;
+   weights (n floats) gets the probabilities where not NULL. hs must be a multiple of 32. */
+static inline void attend(const void *q, const void *k, const void *v, long n, long hs, float *p, void *out,
+                          float *weights, int f32) {
     const float scale = 1.0f / sqrtf((float)hs);
     float top = -INFINITY;
     for (long s = 0; s < n; s++) {
         __m512 acc = _mm512_setzero_ps();
-        for (long d = 0; d < hs; d += 32)
-            acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(k + s * hs + d), (__m512bh)_mm512_loadu_si512(q + d));
+        if (f32)
+            for (long d = 0; d < hs; d += 16)
+                acc = _mm512_fmadd_ps(_mm512_loadu_ps((const float *)k + s * hs + d), _mm512_loadu_ps((const float *)q + d), acc);
+        else
+            for (long d = 0; d < hs; d += 32)
+                acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512((const uint16_t *)k + s * hs + d),
+                                       (__m512bh)_mm512_loadu_si512((const uint16_t *)q + d));
         p[s] = _mm512_reduce_add_ps(acc) * scale;
         top = p[s] > top ? p[s] : top;
     }
@@ -209,8 +229,8 @@ static inline void attend(const uint16_t *q, const uint16_t *k, const uint16_t *
     for (long d = 0; d < hs; d += 16) {          /* out[d:d+16] = Σ_s p[s] · v[s, d:d+16] / total */
         __m512 acc = _mm512_setzero_ps();
         for (long s = 0; s < n; s++)
-            acc = _mm512_fmadd_ps(_mm512_set1_ps(p[s]), load_bf16x16(v + s * hs + d), acc);
-        _mm256_storeu_si256((__m256i *)(out + d), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc, _mm512_set1_ps(inv))));
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(p[s]), act_load(v, s * hs + d, f32), acc);
+        act_store(out, d, _mm512_mul_ps(acc, _mm512_set1_ps(inv)), f32);
     }
     if (weights)
         for (long s = 0; s < n; s++)

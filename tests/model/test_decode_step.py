@@ -20,7 +20,8 @@ needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernel
 
 
 @needs_native
-@pytest.mark.parametrize("setting, rows", [(dict(dtype="bfloat16"), 3), (dict(dtype="bfloat16"), 37),
+@pytest.mark.parametrize("setting, rows", [(dict(dtype="float32"), 3), (dict(dtype="float32"), 37),
+                                           (dict(dtype="bfloat16"), 3), (dict(dtype="bfloat16"), 37),
                                            (dict(dtype="bfloat16", quantization="int8", int8_max_rows=64), 3),
                                            (dict(dtype="bfloat16", quantization="int8", int8_max_rows=64), 37)])
 def test_the_fused_step_is_the_python_path(setting, rows):
