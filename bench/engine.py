@@ -68,6 +68,7 @@ from bench.common import Row, describe_machine, interleaved, print_table, random
 from model import native
 from model.attention import Attention, fast_attention
 from model.checkpoint import load_checkpoint
+from model.decode_step import FusedDecode
 from model.engine import Engine
 from model.events import AnalysisRequest, AttentionSpec, Finished, GenerationRequest, LensSpec, Token
 from model.quantization import dense_mm, int8_mm, weight_bytes_per_token
@@ -308,10 +309,12 @@ def capture_cost(name: str, model: Transformer, tokenizer: Tokenizer, *, tokens:
 # -- 5. capture off vs a build without the feature ------------------------------------------------
 # The engine and model as shipped, minus every line that exists only for attention capture: the
 # `attn_layers` / `need_weights` arguments and checks, the attentions dict, the per-row attention
-# checks and layer set in the decode step. The model's shared set-up and head are the shipped
-# methods (Transformer._prepare / _logits); the rest is the shipped code, copied: keep it in step
-# with model/attention.py, Transformer.forward and Engine._decode (the run checks that both
-# builds produce identical logits and tokens).
+# checks and layer set in the decode step, and in the fused step (model/decode_step.py) the
+# capture buffers and the struct fields that point at them. The model's shared set-up and head are
+# the shipped methods (Transformer._prepare / _logits); the rest is the shipped code, copied: keep
+# it in step with model/attention.py, Transformer.forward, FusedDecode.__call__ and Engine._decode
+# (the run checks that both builds produce identical logits and tokens). decode.c's own capture
+# branches (two pointer tests a layer) stay in both: removing them would take a second build.
 class NoCaptureAttention(Attention):
     def forward(self, x, cos, sin, *, residual, mask=None, cache=None, at=None):
         B, T = cos.shape[:2]
@@ -347,11 +350,38 @@ class NoCaptureBlock(Block):
         return self.mlp.forward(self.post_attention_layernorm.forward(x), residual=x)
 
 
+class NoCaptureFused(FusedDecode):
+    def __call__(self, tokens, positions, cache, slots):
+        c = self.model.config
+        B = tokens.shape[0]
+        kv_len = int(positions.max()) + 1
+        if kv_len > cache.max_context:
+            raise ValueError(f"position {kv_len - 1} is beyond the cache's max_context={cache.max_context}")
+        step = self._step_for(B, cache.max_context)
+        if isinstance(slots, slice):
+            if slots.start + B > len(self._slot_ids):
+                self._slot_ids = torch.arange(slots.start + B)
+            slots = self._slot_ids[slots.start: slots.start + B]
+        tokens, positions, slots = tokens.reshape(B).contiguous(), positions.reshape(B).contiguous(), slots.contiguous()
+        logits = torch.empty(B, c.vocab_size)
+        step.B, step.tokens, step.positions, step.slots = B, tokens.data_ptr(), positions.data_ptr(), slots.data_ptr()
+        step.kv, step.max_batch, step.max_context = cache.kv.data_ptr(), cache.max_batch, cache.max_context
+        step.int8 = self.int8 and self.choice.fused_int8_max_rows >= B
+        step.amx = self.amx
+        step.logits = logits.data_ptr()
+        native.decode_step(self._model, step)
+        return logits.view(B, 1, c.vocab_size)
+
+
 class NoCaptureTransformer(Transformer):
     def forward(self, tokens, *, positions=None, cache=None, slots=None, attn_layers=(), hidden_layers=(),
                 logits_at=None):
         # attn_layers, hidden_layers: accepted (the engine's prefill passes its empty ones) and ignored.
         B, T = tokens.shape
+        fused = self.fused_decode
+        if (fused is not None and cache is not None and T == 1 and positions is not None
+                and not isinstance(logits_at, torch.Tensor) and fused.fits(B, cache)):
+            return ModelOutput(fused(tokens, positions, cache, slots))
         cos, sin, mask, at = self._prepare(tokens, positions, cache, slots)
         x = self.embed_tokens(tokens.reshape(B * T))
         for block in self.layers:
@@ -392,6 +422,9 @@ def without_capture(model: Transformer) -> Transformer:
         return twin
 
     twin = twin_of(model, NoCaptureTransformer)
+    if model.fused_decode is not None:                  # the same structures and scratch, the twin's call
+        twin.fused_decode = copy.copy(model.fused_decode)
+        twin.fused_decode.__class__ = NoCaptureFused
     twin._modules["layers"] = nn.ModuleList(twin_of(block, NoCaptureBlock) for block in model.layers)
     for block in twin.layers:
         block._modules["self_attn"] = twin_of(block.self_attn, NoCaptureAttention)
