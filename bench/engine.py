@@ -310,11 +310,12 @@ def capture_cost(name: str, model: Transformer, tokenizer: Tokenizer, *, tokens:
 # The engine and model as shipped, minus every line that exists only for attention capture: the
 # `attn_layers` / `need_weights` arguments and checks, the attentions dict, the per-row attention
 # checks and layer set in the decode step, and in the fused step (model/decode_step.py) the
-# capture buffers and the struct fields that point at them. The model's shared set-up and head are
-# the shipped methods (Transformer._prepare / _logits); the rest is the shipped code, copied: keep
-# it in step with model/attention.py, Transformer.forward, FusedDecode.__call__ and Engine._decode
-# (the run checks that both builds produce identical logits and tokens). decode.c's own capture
-# branches (two pointer tests a layer) stay in both: removing them would take a second build.
+# capture buffers and the struct fields that point at them (its set-up is the shipped
+# FusedDecode._bind). The model's shared set-up and head are the shipped methods
+# (Transformer._prepare / _logits); the rest is the shipped code, copied: keep it in step with
+# model/attention.py, Transformer.forward and Engine._decode (the run checks that both builds
+# produce identical logits and tokens). decode.c's own capture branches (two pointer tests a
+# layer) stay in both: removing them would take a second build.
 class NoCaptureAttention(Attention):
     def forward(self, x, cos, sin, *, residual, mask=None, cache=None, at=None):
         B, T = cos.shape[:2]
@@ -352,25 +353,9 @@ class NoCaptureBlock(Block):
 
 class NoCaptureFused(FusedDecode):
     def __call__(self, tokens, positions, cache, slots):
-        c = self.model.config
-        B = tokens.shape[0]
-        kv_len = int(positions.max()) + 1
-        if kv_len > cache.max_context:
-            raise ValueError(f"position {kv_len - 1} is beyond the cache's max_context={cache.max_context}")
-        step = self._step_for(B, cache.max_context)
-        if isinstance(slots, slice):
-            if slots.start + B > len(self._slot_ids):
-                self._slot_ids = torch.arange(slots.start + B)
-            slots = self._slot_ids[slots.start: slots.start + B]
-        tokens, positions, slots = tokens.reshape(B).contiguous(), positions.reshape(B).contiguous(), slots.contiguous()
-        logits = torch.empty(B, c.vocab_size)
-        step.B, step.tokens, step.positions, step.slots = B, tokens.data_ptr(), positions.data_ptr(), slots.data_ptr()
-        step.kv, step.max_batch, step.max_context = cache.kv.data_ptr(), cache.max_batch, cache.max_context
-        step.int8 = self.int8 and self.choice.fused_int8_max_rows >= B
-        step.amx = self.amx
-        step.logits = logits.data_ptr()
+        step, logits, _ = self._bind(tokens, positions, cache, slots)
         native.decode_step(self._model, step)
-        return logits.view(B, 1, c.vocab_size)
+        return logits.view(tokens.shape[0], 1, self.model.config.vocab_size)
 
 
 class NoCaptureTransformer(Transformer):

@@ -136,12 +136,9 @@ class FusedDecode:
         self._step.threads = torch.get_num_threads()
         return self._step
 
-    def __call__(self, tokens: Tensor, positions: Tensor, cache: KVCache, slots: Slots,
-                 attn_layers: Collection[int], hidden_layers: Collection[int]
-                 ) -> tuple[Tensor, dict[int, Tensor], dict[int, Tensor]]:
-        """tokens and positions (B, 1) → (logits (B, 1, V), attentions, hidden): model.forward's
-        ModelOutput fields for the same call."""
-        c = self.model.config
+    def _bind(self, tokens: Tensor, positions: Tensor, cache: KVCache, slots: Slots) -> tuple[_Step, Tensor, int]:
+        """The step structure for this call, capturing nothing; a new logits tensor (B, V) it will
+        fill; and the longest row's key count."""
         B = tokens.shape[0]
         kv_len = int(positions.max()) + 1
         if kv_len > cache.max_context:
@@ -152,21 +149,32 @@ class FusedDecode:
                 self._slot_ids = torch.arange(slots.start + B)
             slots = self._slot_ids[slots.start: slots.start + B]
         tokens, positions, slots = tokens.reshape(B).contiguous(), positions.reshape(B).contiguous(), slots.contiguous()
-        logits = torch.empty(B, c.vocab_size)
-        attn = hidden = attn_mask = hidden_mask = None
-        if attn_layers:
-            attn = torch.empty(c.n_layers, B, c.n_heads, kv_len)
-            attn_mask = torch.tensor([i in attn_layers for i in range(c.n_layers)], dtype=torch.uint8)
-        if hidden_layers:
-            hidden = torch.empty(c.n_layers, B, c.dim, dtype=self.dtype)
-            hidden_mask = torch.tensor([i in hidden_layers for i in range(c.n_layers)], dtype=torch.uint8)
-        ptr = lambda t: None if t is None else t.data_ptr()
+        self._inputs = (tokens, positions, slots)            # alive until the call returns
+        logits = torch.empty(B, self.model.config.vocab_size)
         step.B, step.tokens, step.positions, step.slots = B, tokens.data_ptr(), positions.data_ptr(), slots.data_ptr()
         step.kv, step.max_batch, step.max_context = cache.kv.data_ptr(), cache.max_batch, cache.max_context
         step.int8 = self.int8 and self.choice.fused_int8_max_rows >= B
-        step.amx = self.amx
-        step.logits, step.attn, step.attn_len, step.attn_layers = logits.data_ptr(), ptr(attn), kv_len, ptr(attn_mask)
-        step.hidden, step.hidden_layers = ptr(hidden), ptr(hidden_mask)
+        step.amx, step.logits = self.amx, logits.data_ptr()
+        step.attn = step.attn_layers = step.hidden = step.hidden_layers = None
+        return step, logits, kv_len
+
+    def __call__(self, tokens: Tensor, positions: Tensor, cache: KVCache, slots: Slots,
+                 attn_layers: Collection[int], hidden_layers: Collection[int]
+                 ) -> tuple[Tensor, dict[int, Tensor], dict[int, Tensor]]:
+        """tokens and positions (B, 1) → (logits (B, 1, V), attentions, hidden): model.forward's
+        ModelOutput fields for the same call."""
+        c = self.model.config
+        B = tokens.shape[0]
+        step, logits, kv_len = self._bind(tokens, positions, cache, slots)
+        attn = hidden = None
+        if attn_layers:
+            attn = torch.empty(c.n_layers, B, c.n_heads, kv_len)
+            attn_mask = torch.tensor([i in attn_layers for i in range(c.n_layers)], dtype=torch.uint8)
+            step.attn, step.attn_len, step.attn_layers = attn.data_ptr(), kv_len, attn_mask.data_ptr()
+        if hidden_layers:
+            hidden = torch.empty(c.n_layers, B, c.dim, dtype=self.dtype)
+            hidden_mask = torch.tensor([i in hidden_layers for i in range(c.n_layers)], dtype=torch.uint8)
+            step.hidden, step.hidden_layers = hidden.data_ptr(), hidden_mask.data_ptr()
         native.decode_step(self._model, step)
         return (logits.view(B, 1, c.vocab_size),
                 {i: attn[i].view(B, c.n_heads, 1, kv_len) for i in attn_layers} if attn_layers else {},
