@@ -46,7 +46,7 @@ class _Step(ctypes.Structure):
                 ("max_batch", _long), ("max_context", _long), ("int8", ctypes.c_int), ("amx", ctypes.c_int),
                 ("threads", ctypes.c_int), ("logits", _ptr),
                 ("attn", _ptr), ("attn_len", _long), ("attn_layers", _ptr),
-                ("hidden", _ptr), ("hidden_layers", _ptr)] + [(name, _ptr) for name in SCRATCH]
+                ("hidden", _ptr), ("hidden_layers", _ptr), ("lens", _ptr)] + [(name, _ptr) for name in SCRATCH]
 
 
 def _mat(dense: Tensor, q8, *, kn: bool = False) -> _Mat:
@@ -85,6 +85,7 @@ class FusedDecode:
         self._scratch_for = (0, 0, 0)
         self._step = _Step()
         self._slot_ids = torch.arange(0)
+        self._masks: dict[tuple[int, ...], Tensor] = {}
         self._embed = model.embed_tokens.weight.data_ptr()   # moved (model.to(...)): the pointers are stale
         self.amx = native.amx_available() and not f32     # bf16 projections on AMX tiles, where their shapes fit
 
@@ -136,6 +137,16 @@ class FusedDecode:
         self._step.threads = torch.get_num_threads()
         return self._step
 
+    def _layer_mask(self, layers: Collection[int]) -> Tensor:
+        """(L,) uint8: 1 for the layers asked for; kept per set (an engine asks for the same ones step after step)."""
+        key = tuple(layers)
+        if (mask := self._masks.get(key)) is None:
+            if len(self._masks) >= 64:
+                self._masks.clear()
+            mask = self._masks[key] = torch.tensor([i in layers for i in range(self.model.config.n_layers)],
+                                                   dtype=torch.uint8)
+        return mask
+
     def _bind(self, tokens: Tensor, positions: Tensor, cache: KVCache, slots: Slots) -> tuple[_Step, Tensor, int]:
         """The step structure for this call, capturing nothing; a new logits tensor (B, V) it will
         fill; and the longest row's key count."""
@@ -155,27 +166,32 @@ class FusedDecode:
         step.kv, step.max_batch, step.max_context = cache.kv.data_ptr(), cache.max_batch, cache.max_context
         step.int8 = self.int8 and self.choice.fused_int8_max_rows >= B
         step.amx, step.logits = self.amx, logits.data_ptr()
-        step.attn = step.attn_layers = step.hidden = step.hidden_layers = None
+        step.attn = step.attn_layers = step.hidden = step.hidden_layers = step.lens = None
         return step, logits, kv_len
 
     def __call__(self, tokens: Tensor, positions: Tensor, cache: KVCache, slots: Slots,
-                 attn_layers: Collection[int], hidden_layers: Collection[int]
-                 ) -> tuple[Tensor, dict[int, Tensor], dict[int, Tensor]]:
-        """tokens and positions (B, 1) → (logits (B, 1, V), attentions, hidden): model.forward's
-        ModelOutput fields for the same call."""
+                 attn_layers: Collection[int], hidden_layers: Collection[int], lens: bool = False
+                 ) -> tuple[Tensor, dict[int, Tensor], dict[int, Tensor], dict[int, Tensor]]:
+        """tokens and positions (B, 1) → (logits (B, 1, V), attentions, hidden, lens logits):
+        model.forward's ModelOutput fields for the same call; with `lens`, the head's float32
+        logits (B, 1, V) on each of the hidden layers too (the logit lens, model/logit_lens.py)."""
         c = self.model.config
         B = tokens.shape[0]
         step, logits, kv_len = self._bind(tokens, positions, cache, slots)
         attn = hidden = None
         if attn_layers:
             attn = torch.empty(c.n_layers, B, c.n_heads, kv_len)
-            attn_mask = torch.tensor([i in attn_layers for i in range(c.n_layers)], dtype=torch.uint8)
+            attn_mask = self._layer_mask(attn_layers)
             step.attn, step.attn_len, step.attn_layers = attn.data_ptr(), kv_len, attn_mask.data_ptr()
         if hidden_layers:
             hidden = torch.empty(c.n_layers, B, c.dim, dtype=self.dtype)
-            hidden_mask = torch.tensor([i in hidden_layers for i in range(c.n_layers)], dtype=torch.uint8)
+            hidden_mask = self._layer_mask(hidden_layers)
             step.hidden, step.hidden_layers = hidden.data_ptr(), hidden_mask.data_ptr()
+            if lens:
+                lens_logits = torch.empty(c.n_layers, B, c.vocab_size)
+                step.lens = lens_logits.data_ptr()
         native.decode_step(self._model, step)
         return (logits.view(B, 1, c.vocab_size),
                 {i: attn[i].view(B, c.n_heads, 1, kv_len) for i in attn_layers} if attn_layers else {},
-                {i: hidden[i].view(B, 1, c.dim) for i in hidden_layers} if hidden_layers else {})
+                {i: hidden[i].view(B, 1, c.dim) for i in hidden_layers} if hidden_layers else {},
+                {i: lens_logits[i].view(B, 1, c.vocab_size) for i in hidden_layers} if hidden_layers and lens else {})

@@ -316,7 +316,7 @@ class Engine:
             self._step_lens = sorted({layer for s in running for layer in s.lens_layers})
             self._step_seqs = list(running)
         out = self.model(tokens, positions=self._positions, cache=self.cache, slots=self._slots,
-                         attn_layers=self._step_layers, hidden_layers=self._step_lens)
+                         attn_layers=self._step_layers, hidden_layers=self._step_lens, lens_logits=True)
         for s in running:
             s.length += 1
         sampled = self._sample(out.logits[:, -1], running)
@@ -355,7 +355,7 @@ class Engine:
     def _decode_lens(self, out: ModelOutput, running: list[_Sequence]) -> dict[int, LensTop]:
         """The (L, k) lens rows of this step's query, for each row that asked: one pass through the head."""
         wants = [(row, 0, s.request.lens) for row, s in enumerate(running) if s.request.lens is not None]
-        tops = position_lens(self.model, out.hidden, wants, self.model.config.n_layers)
+        tops = position_lens(self.model, out.hidden, wants, self.model.config.n_layers, logits=out.lens_logits)
         return {row: top for (row, _, _), top in zip(wants, tops)}
 
     def _slot_index(self, slot_ids: list[int]) -> slice | Tensor:

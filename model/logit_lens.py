@@ -48,17 +48,25 @@ def text_lens(model: Transformer, hidden: dict[int, Tensor], layers: tuple[int, 
 
 
 def position_lens(model: Transformer, hidden: dict[int, Tensor],
-                  wants: list[tuple[int, int, LensSpec]], n_layers: int) -> list[LensTop]:
+                  wants: list[tuple[int, int, LensSpec]], n_layers: int,
+                  logits: dict[int, Tensor] | None = None) -> list[LensTop]:
     """The lens at one position for each of several batch rows, all in one pass through the head.
-    wants: (batch row, position in that row, the row's spec) per row; returns (L, k) rows for each."""
+    wants: (batch row, position in that row, the row's spec) per row; returns (L, k) rows for each.
+    logits: the lens logits (B, T, V) of those layers where the model made them (the fused decode
+    step, `Transformer.forward(lens_logits=True)`): then only their top-k is taken here."""
     specs = [spec.layer_ids(n_layers) for _, _, spec in wants]
     union = sorted({layer for layers in specs for layer in layers})
     rows = torch.tensor([row for row, _, _ in wants])
     positions = torch.tensor([pos for _, pos, _ in wants])
     device = hidden[union[0]].device
     rows, positions = rows.to(device), positions.to(device)
-    states = torch.stack([hidden[layer][rows, positions] for layer in union])   # (Lu, R, C)
-    ids, probs = lens_top(model, states, max(spec.top_k for _, _, spec in wants))  # (Lu, R, kmax) each
+    k = max(spec.top_k for _, _, spec in wants)
+    if logits:
+        top = torch.stack([logits[layer] for layer in union])[:, rows, positions].softmax(dim=-1).topk(k, dim=-1)
+        ids, probs = top.indices.cpu(), top.values.cpu()                        # (Lu, R, kmax) each
+    else:
+        states = torch.stack([hidden[layer][rows, positions] for layer in union])   # (Lu, R, C)
+        ids, probs = lens_top(model, states, k)                                 # (Lu, R, kmax) each
     out = []
     for j, (layers, (_, _, spec)) in enumerate(zip(specs, wants)):
         at = slice(None) if list(layers) == union else [union.index(layer) for layer in layers]

@@ -94,6 +94,7 @@ class ModelOutput:
     logits: Tensor                                          # (B, T, V), or (B, 1, V) with logits_at
     attentions: dict[int, Tensor] = field(default_factory=dict)  # layer → (B, nh, T, S) weights
     hidden: dict[int, Tensor] = field(default_factory=dict)      # layer → (B, T, C) residual after it
+    lens_logits: dict[int, Tensor] = field(default_factory=dict)  # layer → (B, T, V) float32, if made
 
 
 class Transformer(nn.Module):
@@ -155,7 +156,7 @@ class Transformer(nn.Module):
     def forward(self, tokens: Tensor, *, positions: Tensor | None = None,
                 cache: KVCache | None = None, slots: Slots | None = None,
                 attn_layers: Collection[int] = (), hidden_layers: Collection[int] = (),
-                logits_at: int | Tensor | None = None) -> ModelOutput:
+                logits_at: int | Tensor | None = None, lens_logits: bool = False) -> ModelOutput:
         """tokens (B, T) → logits.
 
         Without a cache: a full causal forward over positions 0 … T-1 (training, recompute).
@@ -167,12 +168,14 @@ class Transformer(nn.Module):
         logit lens, `logit_lens`; the last layer's is what the logits are computed from).
         `logits_at`: compute logits at one position per row only — an int for the same position in
         every row (-1: the last), or a (B,) tensor (rows right-padded to different lengths).
+        `lens_logits`: where the fused decode step runs, also the logit lens of the `hidden_layers`
+        (their `logit_lens`, computed inside the step); elsewhere nothing (the caller computes it).
         """
         B, T = tokens.shape
         fused = self.fused_decode
         if (fused is not None and cache is not None and T == 1 and positions is not None
                 and not isinstance(logits_at, Tensor) and fused.fits(B, cache)):
-            return ModelOutput(*fused(tokens, positions, cache, slots, attn_layers, hidden_layers))
+            return ModelOutput(*fused(tokens, positions, cache, slots, attn_layers, hidden_layers, lens_logits))
         cos, sin, mask, at = self._prepare(tokens, positions, cache, slots)
         x = self.embed_tokens(tokens.reshape(B * T))              # (B·T, C): one row per token
         attentions, hidden = {}, {}

@@ -14,7 +14,7 @@
    (L, max_batch, 2, nkv, max_context, hs). Projections are bf16 (N, K) — on AMX tiles with `amx` —
    or, with `int8`, weight-only int8 (N, K) + bf16 scales (N,), or float32 (K, N) (`kn`: the f32
    model's x @ w layout; its head is (N, K)). Optionally writes each asked-for layer's attention
-   probabilities (float32) and its output. */
+   probabilities (float32), its output and the head's logits on that output (the logit lens). */
 
 #include <omp.h>
 #include <stddef.h>
@@ -56,6 +56,7 @@ typedef struct {
     const uint8_t *attn_layers;
     void *hidden;                               /* (L, B, C) out where hidden_layers[l], or NULL */
     const uint8_t *hidden_layers;
+    float *lens;                                /* (L, B, V) out: the head on those outputs, or NULL */
     void *x, *xn, *qkv, *att, *gu, *h, *out;    /* scratch (B, ·), the activations' dtype */
     float *scores;                              /* scratch: (B, nh, max_context) */
     int16_t *xq; float *xs;                     /* scratch: the int8 kernel's activations (B, max K), (B,) */
@@ -162,6 +163,20 @@ static void rope(void *x, const void *cos, const void *sin, long hs, int f32) {
     }
 }
 
+/* logits (B, V) float32 = head(final_norm(x)) for the B rows of x: must be called by every thread. */
+static void head(const Model *md, const Step *st, const void *x, float *logits) {
+    const long B = st->B, C = md->dim, V = md->vocab;
+    rmsnorm_rows(x, md->final_norm, st->xn, B, C, md->eps, md->f32);
+    if (md->f32) {
+        project(&md->head, md, st, st->xn, NULL, logits, V, C);
+    } else {
+        project(&md->head, md, st, st->xn, NULL, st->out, V, C);   /* bf16, then float32 */
+        #pragma omp for schedule(static)
+        for (long i = 0; i < B * V; i++)
+            logits[i] = bf16_f32(((const uint16_t *)st->out)[i]);
+    }
+}
+
 void decode_step(const Model *md, const Step *st) {
     const long B = st->B, C = md->dim, nh = md->n_heads, nkv = md->n_kv_heads, hs = md->head_dim;
     const long I = md->intermediate, V = md->vocab, L = md->n_layers, group = nh / nkv;
@@ -228,15 +243,10 @@ void decode_step(const Model *md, const Step *st) {
                     memcpy(at(st->hidden, (l * B + m) * C, f32), at(x, m * C, f32), C * es);
             }
         }
-        rmsnorm_rows(x, md->final_norm, xn, B, C, md->eps, f32);
-        if (f32) {
-            project(&md->head, md, st, xn, NULL, st->logits, V, C);
-        } else {
-            project(&md->head, md, st, xn, NULL, st->out, V, C);   /* the logits in bf16, then float32 */
-            #pragma omp for schedule(static)
-            for (long i = 0; i < B * V; i++)
-                st->logits[i] = bf16_f32(((const uint16_t *)st->out)[i]);
-        }
+        head(md, st, x, st->logits);
+        for (long l = 0; st->lens && l < L; l++)           /* the logit lens: the head on a layer's output */
+            if (st->hidden_layers[l])
+                head(md, st, at(st->hidden, l * B * C, f32), st->lens + l * B * V);
 #if HAVE_AMX
         if (st->amx)
             _tile_release();

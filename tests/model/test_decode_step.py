@@ -26,8 +26,8 @@ needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernel
                                            (dict(dtype="bfloat16", quantization="int8", int8_max_rows=64), 37)])
 def test_the_fused_step_is_the_python_path(setting, rows):
     """Rows in scattered slots at different positions (37: more than two AMX tiles of rows, where
-    the CPU has them), every layer's attention and output asked for: twelve steps, fused and not,
-    each on its own cache filled by the same prefills."""
+    the CPU has them), every layer's attention, output and lens asked for: twelve steps, fused and
+    not, each on its own cache filled by the same prefills."""
     model, _ = load_checkpoint(CALCULATOR, fused_max_rows=64, **setting)
     fused = model.fused_decode
     assert fused is not None
@@ -46,7 +46,7 @@ def test_the_fused_step_is_the_python_path(setting, rows):
             caches[0].kv.copy_(caches[1].kv)        # each step from the same state: no drift between the two
             model.fused_decode = fused
             ours = model(tokens, positions=positions, cache=caches[0], slots=slots, attn_layers=layers,
-                         hidden_layers=layers)
+                         hidden_layers=layers, lens_logits=True)
             model.fused_decode = None
             theirs = model(tokens, positions=positions, cache=caches[1], slots=slots, attn_layers=layers,
                            hidden_layers=layers)
@@ -64,6 +64,8 @@ def test_the_fused_step_is_the_python_path(setting, rows):
                 assert torch.allclose(ours.attentions[i].sum(-1), torch.ones(rows, c.n_heads, 1), atol=1e-5)
                 assert (ours.hidden[i].float() - theirs.hidden[i].float()).abs().max() <= \
                     0.02 * theirs.hidden[i].float().abs().max()
+                lens = model.logit_lens(ours.hidden[i])               # the lens of the same residuals
+                assert (ours.lens_logits[i] - lens).abs().max() <= 0.01 * lens.abs().max()
             tokens, positions = theirs.logits.argmax(-1), positions + 1
     a, b = (cache.kv.float() for cache in caches)
     unused = sorted(set(range(rows + 1)) - set(slots.tolist()))
