@@ -72,6 +72,10 @@ class Settings(BaseSettings):
         "int8 kernel serves small batches, a dense GEMM over the dequantised weights large ones")
     kv_cache_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="KV-cache dtype (auto: the compute dtype)")
+    decode_step: Literal["auto", "python"] = Field(
+        "auto", description="auto: decode steps of up to the rows measured faster at load run as one "
+        "native call (model/decode_step.py); python: every step through the layers in PyTorch "
+        "(as vLLM's --enforce-eager)")
     transport: Literal["zmq", "mp"] = Field(
         "zmq", description="worker → HTTP transport: ZMQ (default) or LitServe's multiprocessing-manager queues")
     threads: int | None = Field(None, ge=1, description="torch threads per worker "

@@ -51,7 +51,8 @@ class EngineAPI(WorkerAPI):
         served = {}
         for name, checkpoint in settings.models().items():
             model, tokenizer = load_checkpoint(checkpoint, device=device, dtype=settings.dtype,
-                                               quantization=settings.quantization)
+                                               quantization=settings.quantization,
+                                               fused_max_rows=0 if settings.decode_step == "python" else None)
             engine = Engine(model, tokenizer, max_batch=settings.max_batch, max_context=settings.max_context,
                             max_queue=settings.max_queue + settings.max_batch,
                             max_attention_floats=settings.max_attention_floats, kv_cache_dtype=settings.kv_cache_dtype)

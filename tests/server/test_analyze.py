@@ -89,7 +89,7 @@ def test_prompt_and_completion_score_the_completion(server):
 
 
 def test_analyze_inside_a_busy_decode_batch_equals_alone(tmp_path):
-    with running_server(tmp_path, "--max-batch", "8") as srv:
+    with running_server(tmp_path, "--max-batch", "8", "--decode-step", "python") as srv:   # (busy long enough)
         alone = analyze(srv, text=TEXT, **EVERYTHING)
         busy = [requests.post(f"{srv.url}/v1/generate", json={"prompt": "two plus", "max_tokens": 100_000,
                                                              "ignore_eos": True, "stream": True},
@@ -154,7 +154,11 @@ def limited(tmp_path_factory):
 
 
 def test_an_analyze_whose_client_leaves_is_cancelled(tmp_path):
-    with running_server(tmp_path, "--max-batch", "1") as srv:
+    # --decode-step python: the generation holding the only slot must outlast the steps below (the
+    # fused step makes its 510 tokens in ~0.1 s)
+    with running_server(tmp_path, "--max-batch", "1", "--decode-step", "python") as srv:
+        (card,) = requests.get(f"{srv.url}/v1/models", timeout=10).json()["data"]
+        assert card["weights"]["decode_step"] == "the layers in PyTorch"
         slot = requests.post(f"{srv.url}/v1/generate", stream=True, timeout=30,
                              json={"prompt": "two", "max_tokens": 100_000, "ignore_eos": True, "stream": True})
         try:

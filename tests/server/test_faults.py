@@ -32,7 +32,7 @@ def inference_workers(pgid: int) -> list[int]:
 
 
 def test_worker_killed_mid_stream(tmp_path):
-    with running_server(tmp_path) as srv:
+    with running_server(tmp_path, "--decode-step", "python") as srv:   # the streams must still be running
         body = {"prompt": "two", "max_tokens": 100_000, "ignore_eos": True, "stream": True}
         streams = [requests.post(srv.url + "/v1/generate", json=body, stream=True, timeout=30) for _ in range(3)]
         readers = [s.iter_lines() for s in streams]

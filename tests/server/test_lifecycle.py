@@ -41,7 +41,8 @@ def wait_until(predicate, timeout: float = 5.0) -> float:
 
 
 def test_disconnect_frees_the_slot_for_the_next_request(tmp_path):
-    with running_server(tmp_path, "--max-batch", "1", "--max-queue", "0") as srv:
+    # --decode-step python: the long streams below must outlast the test's steps
+    with running_server(tmp_path, "--max-batch", "1", "--max-queue", "0", "--decode-step", "python") as srv:
         for _ in range(3):
             r = requests.post(srv.url + "/v1/generate", json={"prompt": "two", "max_tokens": 100_000,
                                                              "ignore_eos": True, "stream": True}, stream=True)
@@ -99,7 +100,7 @@ def port_is_free(port: int) -> bool:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_shuts_down_every_process_and_frees_the_port(tmp_path, sig):
-    with running_server(tmp_path, "--api-servers", "2") as srv:
+    with running_server(tmp_path, "--api-servers", "2", "--decode-step", "python") as srv:   # (long streams)
         stream = requests.post(srv.url + "/v1/generate", json={"prompt": "two", "max_tokens": 100_000,
                                                                "ignore_eos": True, "stream": True}, stream=True)
         next(stream.iter_lines())                              # a live stream during shutdown
@@ -123,7 +124,8 @@ def test_signal_shuts_down_every_process_and_frees_the_port(tmp_path, sig):
 
 
 def test_non_streaming_request_is_cancelled_when_the_client_leaves(tmp_path):
-    with running_server(tmp_path, "--max-batch", "1", "--max-queue", "0") as srv:
+    # --decode-step python: the long streams below must outlast the test's steps
+    with running_server(tmp_path, "--max-batch", "1", "--max-queue", "0", "--decode-step", "python") as srv:
         with pytest.raises(requests.ReadTimeout):
             requests.post(srv.url + "/v1/generate", json={"prompt": "two", "max_tokens": 100_000, "ignore_eos": True},
                           timeout=(5, 0.1))           # gone long before the ~512 tokens are done
