@@ -115,7 +115,7 @@ class FusedDecode:
     def _step_for(self, rows: int, context: int) -> _Step:
         """The call's structure, its scratch pointers filled in: kept between calls, made anew
         (with larger scratch) when a call needs more rows, context or threads than any before."""
-        threads = torch.get_num_threads()
+        threads = want = torch.get_num_threads()
         if rows > self._scratch_for[0] or context > self._scratch_for[1] or threads > self._scratch_for[2]:
             c = self.model.config
             rows, context = max(rows, self._scratch_for[0]), max(context, self._scratch_for[1])
@@ -133,8 +133,7 @@ class FusedDecode:
             self._scratch["part"] = torch.empty(threads * rows * widest)
             self._scratch_for = (rows, context, threads)
             self._step = _Step(**{name: self._scratch[name].data_ptr() for name in SCRATCH})
-            self._slot_ids = torch.arange(4 * rows)
-        self._step.threads = torch.get_num_threads()
+        self._step.threads = want
         return self._step
 
     def _layer_mask(self, layers: Collection[int]) -> Tensor:

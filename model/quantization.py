@@ -18,7 +18,8 @@ model already filled from them (model/checkpoint.py):
 
 Every choice is measured at load, on this machine, with the model's own weights (`_race`): the
 Python path's kernels per batch size (int8, the bf16 matrix-vector kernel, the library GEMM), then
-for bf16 models the fused decode step (model/decode_step.py) against that path, and int8 inside it.
+the fused decode step (model/decode_step.py: bf16 and float32 models) against that path, and for
+int8 models the int8 weights inside it against the dense ones.
 
 Attention probabilities returned to users are float32 whatever the compute dtype (see
 model/attention.py), and logits leave the model as float32 for sampling.
@@ -229,8 +230,9 @@ def apply_weights(model: nn.Module, *, dtype: torch.dtype, quantization: str = "
     if FusedDecode.supports(model):
         model.fused_decode = FusedDecode(model)
         if quantization == "int8":          # int8 inside the fused step: measured there (fewer calls, other ratio)
-            choice.fused_int8_max_rows = int8_max_rows if int8_max_rows is not None else -1
-            if int8_max_rows is None:
+            if int8_max_rows is not None:
+                choice.fused_int8_max_rows = int8_max_rows
+            else:
                 choice.fused_int8_max_rows, choice.measured["decode_step_int8"] = measure_fused_rows(model, "int8")
         if fused_max_rows is not None:
             choice.fused_max_rows = fused_max_rows
@@ -317,10 +319,7 @@ def measure_fused_rows(model: nn.Module, against: Literal["python", "int8"], *, 
 
         return (step, python_step) if against == "python" else (with_int8(True), with_int8(False))
 
-    best_rows, timings = _race(passes_at, reps=reps)
-    if against == "int8":
-        choice.fused_int8_max_rows = best_rows
-    return best_rows, timings
+    return _race(passes_at, reps=reps)           # (the int8 passes leave fused_int8_max_rows for the caller to set)
 
 
 def weights_info(model: nn.Module) -> dict:
