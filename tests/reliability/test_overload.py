@@ -24,9 +24,11 @@ BURST = [("/v1/generate", {"prompt": "two plus three equals"}),
 
 
 def hold(url: str, n: int) -> list:
-    """n long streams, each past its start event (n slots busy): their line iterators."""
-    streams = [requests.post(url + "/v1/generate", json=LONG | {"stream": True}, stream=True, timeout=60)
-               for _ in range(n)]
+    """n long streams, each past its start event (n slots busy): their line iterators. Each carries
+    every attention weight and is read only at the end, so it holds its admission however fast the
+    engine is (the server's writes wait for a reader)."""
+    streams = [requests.post(url + "/v1/generate", json=LONG | {"stream": True, "attention": HEAVY}, stream=True,
+                             timeout=60) for _ in range(n)]
     lines = [s.iter_lines() for s in streams]
     for it in lines:
         assert json.loads(next(it))["type"] == "start"
