@@ -92,14 +92,16 @@ def read_text_corpus(path: str | Path, *, val_fraction: float = 0.05) -> tuple[s
 
 
 class SequenceBatches:
-    """Random batches of whole, padded sequences (calculator problems): (inputs, targets).
+    """Random batches of whole, padded sequences (calculator and pronoun problems): (inputs, targets).
 
     Each sequence is BOS + text + EOS. Targets are the inputs shifted by one; padding targets
-    are -100 so the loss ignores them.
+    are -100 so the loss ignores them, and so are the prompt's when `loss_from` gives each
+    sequence's first counted token (its completion's).
     """
 
-    def __init__(self, sequences: list[list[int]], *, batch_size: int, pad_id: int, seed: int):
-        self.sequences, self.batch_size, self.pad_id = sequences, batch_size, pad_id
+    def __init__(self, sequences: list[list[int]], *, batch_size: int, pad_id: int, seed: int,
+                 loss_from: list[int] | None = None):
+        self.sequences, self.batch_size, self.pad_id, self.loss_from = sequences, batch_size, pad_id, loss_from
         self.gen = torch.Generator().manual_seed(seed)
 
     def __iter__(self):
@@ -107,7 +109,8 @@ class SequenceBatches:
 
     def __next__(self) -> tuple[Tensor, Tensor]:
         picks = torch.randint(len(self.sequences), (self.batch_size,), generator=self.gen).tolist()
-        return pad_batch([self.sequences[i] for i in picks], self.pad_id)
+        starts = [self.loss_from[i] for i in picks] if self.loss_from is not None else None
+        return pad_batch([self.sequences[i] for i in picks], self.pad_id, starts)
 
 
 class WindowBatches:
@@ -128,11 +131,15 @@ class WindowBatches:
         return windows[:, :-1], windows[:, 1:]
 
 
-def pad_batch(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+def pad_batch(sequences: list[list[int]], pad_id: int, loss_from: list[int] | None = None
+              ) -> tuple[Tensor, Tensor]:
+    """(inputs, targets) of whole sequences, padded to the longest. With `loss_from`, only the
+    targets from each sequence's token loss_from[row] on count (the ones before are -100)."""
     T = max(len(s) for s in sequences) - 1
     inputs = torch.full((len(sequences), T), pad_id, dtype=torch.long)
     targets = torch.full((len(sequences), T), -100, dtype=torch.long)
     for row, s in enumerate(sequences):
+        first = loss_from[row] - 1 if loss_from is not None else 0    # target k is token k + 1
         inputs[row, : len(s) - 1] = torch.tensor(s[:-1])
-        targets[row, : len(s) - 1] = torch.tensor(s[1:])
+        targets[row, first: len(s) - 1] = torch.tensor(s[1 + first:])
     return inputs, targets

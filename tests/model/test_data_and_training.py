@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 
 from model.checkpoint import load_checkpoint
-from model.data import all_problems, calculator_examples, calculator_split, is_held_out, number_words
+from model.data import all_problems, calculator_examples, calculator_split, is_held_out, number_words, pad_batch
 from model.eval import greedy_answers
-from model.train import CORPORA, CORPUS_DEFAULTS, TrainArgs, lr_at, parse_args, train
+from model.pronouns import pronoun_split
+from model.tokenizer import Tokenizer
+from model.train import CORPORA, CORPUS_DEFAULTS, TrainArgs, completion_start, lr_at, parse_args, train
 
 
 def test_number_words():
@@ -137,3 +139,19 @@ def test_bf16_autocast_trains_to_the_loss_float32_reaches(tmp_path):
 def test_an_unknown_precision_is_refused_with_the_choices():
     with pytest.raises(SystemExit, match="--precision must be one of auto, float32, bfloat16"):
         TrainArgs(precision="fp16").resolved()
+
+
+def test_the_completion_loss_counts_only_the_answer_s_targets():
+    # BOS 5 6 | 7 EOS and BOS 8 | 9 EOS: the prompts end before 7 and before 9
+    inputs, targets = pad_batch([[1, 5, 6, 7, 2], [1, 8, 9, 2]], pad_id=0, loss_from=[3, 2])
+    assert inputs.tolist() == [[1, 5, 6, 7], [1, 8, 9, 0]]
+    assert targets.tolist() == [[-100, -100, 7, 2], [-100, 9, 2, -100]]
+    assert pad_batch([[1, 5, 6, 7, 2]], pad_id=0)[1].tolist() == [[5, 6, 7, 2]]    # all: every target
+    problem = pronoun_split()[0][0]
+    tokenizer = Tokenizer.train_bpe([p.text for p in pronoun_split()[0]], vocab_size=1024)
+    start = completion_start(tokenizer, problem)
+    assert tokenizer.token_text(tokenizer.encode(problem.text)[start]) == problem.completion
+    with pytest.raises(SystemExit, match="--loss completion needs a corpus of prompts and completions"):
+        TrainArgs(corpus="text", text_file="notes.txt", loss="completion").resolved()
+    with pytest.raises(SystemExit, match="--loss must be one of all, completion"):
+        TrainArgs(loss="prompt").resolved()
