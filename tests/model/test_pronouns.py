@@ -14,7 +14,8 @@ from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import ModelConfig
 from model.eval import evaluate, greedy_answers
 from model.probe import attention_probe, token_positions
-from model.pronouns import QUESTION, TEMPLATES, PronounProblem, all_problems, examples, is_held_out, pronoun_split
+from model.pronouns import (PREPOSITIONS, QUESTION, TEMPLATES, PronounProblem, all_problems, examples, is_held_out,
+                            pronoun_split)
 from model.tokenizer import Tokenizer
 from model.train import TrainArgs, train
 from model.transformer import Transformer
@@ -53,7 +54,7 @@ def test_templates_have_both_answers_and_enough_nouns():
         mine = [p for p in problems if p.template == t]
         answers = {p.refers_to_first for p in mine}
         assert answers == {True, False}, spec.name
-        # the referent is decided by the adjective alone, in both orders of the two nouns
+        # the referent is decided by the adjective, in both orders of the two nouns
         for p in mine:
             assert p.adjective == spec.adjectives[0 if p.refers_to_first else 1]
             assert p.referent == (p.first_noun if p.refers_to_first else p.second_noun)
@@ -63,6 +64,34 @@ def test_templates_have_both_answers_and_enough_nouns():
     assert all((b, a) in roles for a, b in roles)
 
 
+def test_no_single_word_decides_which_position_is_meant():
+    """Each template has a twin with the same nouns and adjectives in which every adjective points
+    at the other position: the verb and the adjective decide together."""
+    for spec in TEMPLATES:
+        twins = [other for other in TEMPLATES if other is not spec and set(other.adjectives) == set(spec.adjectives)
+                 and {other.first_nouns, other.second_nouns} == {spec.first_nouns, spec.second_nouns}]
+        assert twins and all(other.adjectives == spec.adjectives[::-1] for other in twins), spec.name
+
+
+def test_every_sentence_comes_in_four_shapes_with_phrases_from_its_pool():
+    problems = all_problems()
+    by_sentence: dict[tuple, list[PronounProblem]] = {}
+    for p in problems:
+        by_sentence.setdefault((p.template, p.first, p.second, p.refers_to_first), []).append(p)
+    assert all(len(shapes) == 4 for shapes in by_sentence.values())
+    for shapes in list(by_sentence.values())[::97]:
+        assert [(bool(p.first_phrase), bool(p.second_phrase)) for p in shapes] == \
+            [(False, False), (True, False), (False, True), (True, True)]
+        for p in shapes:
+            for phrase, pool in ((p.first_phrase, p.spec.first_nouns), (p.second_phrase, p.spec.second_nouns)):
+                if phrase:
+                    *preposition, the, noun = phrase.split()
+                    assert " ".join(preposition) in PREPOSITIONS and the == "the"
+                    assert noun in pool and noun not in (p.first_noun, p.second_noun)   # never a candidate
+    assert len({p.prompt for p in problems}) == len(problems)
+    assert all_problems() == problems                                  # the same corpus every time
+
+
 def test_held_out_rule_is_respected_by_the_split(split):
     train, val, held_out = split
     assert len(train) + len(val) + len(held_out) == len(all_problems())
@@ -70,9 +99,9 @@ def test_held_out_rule_is_respected_by_the_split(split):
     assert not any(is_held_out(p.template, p.first, p.second) for p in train + val)
     assert not {p.text for p in held_out} & {p.text for p in train}
     assert not {p.prompt for p in held_out} & {p.prompt for p in train}
-    # a held-out combination is held out with both of its answers
+    # a held-out combination is held out with both of its answers, in every shape
     combos = {(p.template, p.first, p.second) for p in held_out}
-    assert len(held_out) == 2 * len(combos)
+    assert len(held_out) == 2 * 4 * len(combos)
     assert 0.05 < len(held_out) / len(all_problems()) < 0.15
 
 
@@ -88,13 +117,14 @@ def test_every_noun_appears_in_training_in_its_slot(split):
 
 def test_vocabulary_every_word_is_one_token(tokenizer):
     words = {w for spec in TEMPLATES for w in (*spec.first_nouns, *spec.second_nouns, *spec.adjectives)}
+    words |= {w for preposition in PREPOSITIONS for w in preposition.split()}
     for word in words:
         assert len(tokenizer.encode(" " + word, add_bos=False)) == 1, word
     assert tokenizer.vocab_size < 1024        # the BPE stopped early: the corpus needs fewer
 
 
 def test_spans_and_token_positions_point_at_the_words(split, tokenizer):
-    for p in split[2][:50] + split[0][:50]:
+    for p in split[2][:50] + split[0][:50] + [p for p in split[2] if p.first_phrase and p.second_phrase][:50]:
         spans = p.spans()
         assert p.prompt[slice(*spans["referent"])] == p.referent
         assert p.prompt[slice(*spans["distractor"])] == p.distractor
@@ -114,6 +144,7 @@ def test_examples_are_the_classic_pair_then_held_out_sentences():
     by_prompt = {p.prompt: p for p in all_problems()}
     assert all(by_prompt[e["prompt"]].completion == e["completion"] for e in ex)
     assert all(is_held_out(p.template, p.first, p.second) for p in (by_prompt[e["prompt"]] for e in ex[2:]))
+    assert any(" near the " in e["prompt"] or " behind the " in e["prompt"] for e in ex)   # phrases shown too
 
 
 def test_probe_arithmetic_matches_transformers_attentions(split, tokenizer, tmp_path):
@@ -151,18 +182,20 @@ def test_probe_arithmetic_matches_transformers_attentions(split, tokenizer, tmp_
 
 
 def test_tiny_training_run_on_pronouns_writes_card_with_accuracy_probe_and_examples(tmp_path):
-    metrics = train(TrainArgs(corpus="pronouns", out=str(tmp_path / "p"), steps=30, batch_size=16, eval_every=15,
+    metrics = train(TrainArgs(corpus="pronouns", out=str(tmp_path / "p"), steps=60, batch_size=32, eval_every=30,
                               warmup_steps=5, progress=False, seed=2))
     card = json.loads((tmp_path / "p" / "model_card.json").read_text())
     assert card["corpus"] == "pronouns" and card["training"]["vocab_size"] == 1024   # the corpus default
-    assert metrics["final_val_loss"] < 2.0 < 6.5                  # ln(vocab≈700) ≈ 6.6 at random init
+    # the loss counts the answers only (the corpus default): ln(vocab≈600) ≈ 6.4 at random init; 60
+    # steps reach ~5.3, on the way to the ~96 nouns' ln 96 ≈ 4.6
+    assert card["training"]["loss"] == "completion" and metrics["final_val_loss"] < 5.8 < 6.4
     assert card["metrics"]["held_out_exact_match"] == metrics["held_out_exact_match"]
     probe = card["metrics"]["attention_probe"]
     assert probe["prompts"] == card["corpus_facts"]["held_out_problems"] == len(pronoun_split()[2])
     assert len(probe["layers"]) == card["config"]["n_layers"] and len(probe["layers"][0]) == card["config"]["n_heads"]
     assert card["examples"] == examples()
-    assert card["command"] == f"python -m model.train --corpus pronouns --out {tmp_path / 'p'} --steps 30 " \
-                              "--batch-size 16 --warmup-steps 5 --eval-every 15 --seed 2"
+    assert card["command"] == f"python -m model.train --corpus pronouns --out {tmp_path / 'p'} --steps 60 " \
+                              "--batch-size 32 --warmup-steps 5 --eval-every 30 --seed 2"
     for name in ("config.json", "model.safetensors", "tokenizer.json", "loss.png", "model_card.md"):
         assert (tmp_path / "p" / name).is_file()
     assert "## Attention probe" in (tmp_path / "p" / "model_card.md").read_text()
@@ -192,11 +225,10 @@ def test_shipped_checkpoint_meets_the_targets_and_its_card_records_them():
 
 
 @pytest.mark.skipif(not SHIPPED.is_dir(), reason="checkpoints/pronouns is not shipped in this tree")
-@pytest.mark.xfail(strict=True, reason="issue 16's target is not met: the best head (layer 0) puts 0.467 on the "
-                   "referent; a layer-0 head sees the same query in both sentences of a pair (see README)")
 def test_shipped_best_head_puts_half_its_attention_on_the_referent():
+    """Issue 16's target, from a head past layer 0 (a layer-0 head cannot pass 0.5: see README)."""
     best = json.loads((SHIPPED / "model_card.json").read_text())["metrics"]["attention_probe"]["best_head"]
-    assert best["referent"] >= 0.5
+    assert best["referent"] >= 0.5 and best["referent"] >= 5 * best["distractor"] and best["layer"] >= 1
 
 
 @pytest.mark.skipif(not SHIPPED.is_dir(), reason="checkpoints/pronouns is not shipped in this tree")
