@@ -202,8 +202,8 @@ def examples() -> list[dict[str, str]]:
     twin, each held out (the model never saw them in training), with and without phrases."""
     trophy, suitcase = THINGS.index("trophy"), THINGS.index("suitcase")
     classic = [PronounProblem(0, trophy, suitcase, r) for r in (True, False)]
-    picks = []
+    problems, picks = all_problems(), []
     for t, shape in ((2, 0), (4, 1), (6, 2), (1, 3)):
-        p = next(p for p in all_problems() if p.template == t and is_held_out(t, p.first, p.second))
+        p = next(p for p in problems if p.template == t and is_held_out(t, p.first, p.second))
         picks += [shapes(t, p.first, p.second, r)[shape] for r in (True, False)]
     return [{"prompt": p.prompt, "completion": p.completion} for p in classic + picks]

@@ -196,13 +196,13 @@ def prepare(args: TrainArgs):
                      "held_out_problems": len(held_out), "held_out_rule": HELD_OUT_RULE}
             examples = pronoun_examples()
         tokenizer = Tokenizer.train_bpe((p.text for p in train), vocab_size=args.vocab_size)
-        encode = lambda text: tokenizer.encode(text) + [tokenizer.eos_id]
-        loss_from = lambda problems: [completion_start(tokenizer, p) for p in problems] \
-            if args.loss == "completion" else None
-        batches = SequenceBatches([encode(p.text) for p in train], batch_size=args.batch_size,
-                                  pad_id=tokenizer.hf.token_to_id("<|pad|>"), seed=args.seed,
-                                  loss_from=loss_from(train))
-        val_batch = pad_batch([encode(p.text) for p in val], batches.pad_id, loss_from(val))
+        encoded = lambda problems: [tokenizer.encode(p.text) + [tokenizer.eos_id] for p in problems]
+        loss_from = lambda problems, sequences: [completion_start(tokenizer, p, ids) for p, ids in
+                                                 zip(problems, sequences)] if args.loss == "completion" else None
+        train_ids, val_ids = encoded(train), encoded(val)
+        batches = SequenceBatches(train_ids, batch_size=args.batch_size, pad_id=tokenizer.hf.token_to_id("<|pad|>"),
+                                  seed=args.seed, loss_from=loss_from(train, train_ids))
+        val_batch = pad_batch(val_ids, batches.pad_id, loss_from(val, val_ids))
         return tokenizer, batches, val_batch, facts, examples
     if not args.text_file:
         raise SystemExit("--corpus text needs --text-file PATH")
@@ -221,10 +221,10 @@ def prepare(args: TrainArgs):
     return tokenizer, batches, val_batch, facts, examples
 
 
-def completion_start(tokenizer: Tokenizer, problem) -> int:
-    """The index of the completion's first token in the problem's encoded text (BOS first)."""
-    prompt, text = tokenizer.encode(problem.prompt), tokenizer.encode(problem.text)
-    if text[: len(prompt)] != prompt:      # (never for these corpora: every word is its own token)
+def completion_start(tokenizer: Tokenizer, problem, text_ids: list[int]) -> int:
+    """The index of the completion's first token in `text_ids`, the problem's encoded text (BOS first)."""
+    prompt = tokenizer.encode(problem.prompt)
+    if text_ids[: len(prompt)] != prompt:      # (never for these corpora: every word is its own token)
         raise ValueError(f"the prompt's tokens are not a prefix of the text's: {problem.text!r}")
     return len(prompt)
 

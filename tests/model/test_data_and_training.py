@@ -149,7 +149,7 @@ def test_the_completion_loss_counts_only_the_answer_s_targets():
     assert pad_batch([[1, 5, 6, 7, 2]], pad_id=0)[1].tolist() == [[5, 6, 7, 2]]    # all: every target
     problem = pronoun_split()[0][0]
     tokenizer = Tokenizer.train_bpe([p.text for p in pronoun_split()[0]], vocab_size=1024)
-    start = completion_start(tokenizer, problem)
+    start = completion_start(tokenizer, problem, tokenizer.encode(problem.text))
     assert tokenizer.token_text(tokenizer.encode(problem.text)[start]) == problem.completion
     with pytest.raises(SystemExit, match="--loss completion needs a corpus of prompts and completions"):
         TrainArgs(corpus="text", text_file="notes.txt", loss="completion").resolved()

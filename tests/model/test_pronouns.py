@@ -14,8 +14,16 @@ from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import ModelConfig
 from model.eval import evaluate, greedy_answers
 from model.probe import attention_probe, token_positions
-from model.pronouns import (PREPOSITIONS, QUESTION, TEMPLATES, PronounProblem, all_problems, examples, is_held_out,
-                            pronoun_split)
+from model.pronouns import (
+    PREPOSITIONS,
+    QUESTION,
+    TEMPLATES,
+    PronounProblem,
+    all_problems,
+    examples,
+    is_held_out,
+    pronoun_split,
+)
 from model.tokenizer import Tokenizer
 from model.train import TrainArgs, train
 from model.transformer import Transformer
